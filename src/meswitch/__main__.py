@@ -1,0 +1,3 @@
+from meswitch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Perplexity of a causal LM on labelled examples (the response tokens when there is a response)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from meswitch.data.chat import render
+from meswitch.data.examples import Example
+from meswitch.model.lm import masked_nll
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_len: int = 512,
+    batch_size: int = 8,
+) -> float:
+    """exp(mean NLL per scored token) over ``examples``, each truncated to ``max_len`` tokens.
+
+    Batches are right-padded; padding is neither attended to nor scored.
+    """
+    import torch
+
+    if not examples:
+        raise ValueError("perplexity needs at least one example")
+    rendered = [render(e, tokenizer, max_len) for e in examples]
+    rendered.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(rendered), batch_size):
+            chunk = rendered[start : start + batch_size]
+            width = max(len(i) for i, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            attn = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, (i, m) in enumerate(chunk):
+                ids[row, : len(i)] = torch.tensor(i)
+                mask[row, : len(m)] = torch.tensor(m)
+                attn[row, : len(i)] = 1
+            nll, n = masked_nll(model, ids, mask, attn)
+            total += float(nll)
+            count += n
+    if count == 0:
+        raise ValueError("no scored tokens in the examples")
+    return math.exp(total / count)
