@@ -84,6 +84,7 @@ def test_cli_json_and_path(fresh_zoo):
 def test_cli_help_is_instant_and_lists_commands():
     res = subprocess.run([sys.executable, "-m", "meswitch", "--help"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 0 and "zoo" in res.stdout
-    res = subprocess.run([sys.executable, "-c", "import meswitch.cli, sys; print('torch' in sys.modules)"],
+    code = "import sys; from meswitch.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code],
                          capture_output=True, text=True, timeout=30)
     assert res.stdout.strip() == "False"

@@ -11,7 +11,7 @@ from meswitch.errors import MeswitchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from meswitch.cli import zoo
+    from meswitch.cli import compress, zoo
 
     parser = argparse.ArgumentParser(
         prog="meswitch", description="Serve many fine-tuned experts from one base model."
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"meswitch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     zoo.register(sub)
+    compress.register(sub)
     return parser
 
 

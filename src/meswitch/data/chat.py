@@ -5,7 +5,7 @@ Shapes: ``T`` tokens of one example, ``B`` blocks, ``L`` block length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from meswitch.data.examples import Example
@@ -66,3 +66,26 @@ def pack_blocks(
     t_ids = torch.tensor(ids[: n * block_len], dtype=torch.long).view(n, block_len)
     t_mask = torch.tensor(mask[: n * block_len], dtype=torch.bool).view(n, block_len)
     return t_ids, t_mask
+
+
+def padded_batches(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_len: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Rendered examples as right-padded batches ``(ids [B, L], mask [B, L], attention_mask [B, L])``.
+
+    Examples are sorted by length first (less padding); padding is neither attended to nor scored.
+    """
+    import torch
+
+    rendered = sorted((render(e, tokenizer, max_len) for e in examples), key=lambda r: len(r[0]))
+    for start in range(0, len(rendered), batch_size):
+        chunk = rendered[start : start + batch_size]
+        width = max(len(i) for i, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        attn = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (i, m) in enumerate(chunk):
+            ids[row, : len(i)] = torch.tensor(i, dtype=torch.long)
+            mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
+            attn[row, : len(i)] = 1
+        yield ids, mask, attn

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from meswitch.data.chat import render
+from meswitch.data.chat import padded_batches
 from meswitch.data.examples import Example
 from meswitch.model.lm import masked_nll
 
@@ -29,20 +29,9 @@ def perplexity(
 
     if not examples:
         raise ValueError("perplexity needs at least one example")
-    rendered = [render(e, tokenizer, max_len) for e in examples]
-    rendered.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
     total, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(rendered), batch_size):
-            chunk = rendered[start : start + batch_size]
-            width = max(len(i) for i, _ in chunk)
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-            attn = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, (i, m) in enumerate(chunk):
-                ids[row, : len(i)] = torch.tensor(i)
-                mask[row, : len(m)] = torch.tensor(m)
-                attn[row, : len(i)] = 1
+        for ids, mask, attn in padded_batches(examples, tokenizer, max_len, batch_size):
             nll, n = masked_nll(model, ids, mask, attn)
             total += float(nll)
             count += n

@@ -43,7 +43,7 @@ from meswitch.store.manifest import (
     read_manifest,
     split_file_tensors,
 )
-from meswitch.utils.atomic import TMP_PREFIX, fsync_dir, tmp_sibling, atomic_write_json, clean_stale_tmp
+from meswitch.utils.atomic import TMP_PREFIX, atomic_write_json, clean_stale_tmp, fsync_dir, tmp_sibling
 
 if TYPE_CHECKING:
     import torch

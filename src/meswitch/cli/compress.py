@@ -1,0 +1,147 @@
+"""``meswitch compress``, ``meswitch inspect`` and ``meswitch eval fidelity``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from meswitch.errors import MeswitchError
+
+
+def _expert_arg(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, Path(path)
+
+
+def _salient_arg(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--salient takes a count K or a fraction in (0, 1), got {value!r}") from None
+    if v <= 0 or (v >= 1 and v != int(v)):
+        raise argparse.ArgumentTypeError(f"--salient takes a count K >= 1 or a fraction in (0, 1), got {value!r}")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from meswitch.compress.config import CompressConfig
+
+    d = CompressConfig()
+    p = sub.add_parser("compress", help="compress experts into a delta store")
+    p.add_argument("--zoo", choices=["full", "small"], help="take base, experts and calibration text from a zoo")
+    p.add_argument("--base", type=Path, help="base model checkpoint directory")
+    p.add_argument("--expert", type=_expert_arg, action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--out", type=Path, required=True, help="store directory (created, or added to)")
+    p.add_argument("--method", choices=["salient", "rtn", "bitdelta"], default=d.method)
+    p.add_argument("--bits", type=int, choices=[1, 2, 3, 4], default=d.bits)
+    p.add_argument("--salient", type=_salient_arg, default=d.salient,
+                   help="salient columns per matrix: a count K or a fraction (default: fit --target-bits)")
+    p.add_argument("--target-bits", type=float, default=d.target_bits,
+                   help="bits per delta parameter that sizes K when --salient is not given")
+    p.add_argument("--asymmetric", action="store_true", help="min/max grid with a zero point per row")
+    p.add_argument("--clip-ratio", type=float, default=d.clip_ratio)
+    p.add_argument("--calib", type=Path, help="calibration JSONL ({'text', 'domain'[, 'response']})")
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("inspect", help="what a store holds: bits per parameter, bytes, ratio, fidelity")
+    p.add_argument("store", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    ev = sub.add_parser("eval", help="evaluate a store")
+    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    p = esub.add_parser("fidelity", help="compressed expert against the uncompressed one on held-out text")
+    p.add_argument("store", type=Path)
+    p.add_argument("--expert", required=True)
+    p.add_argument("--base", type=Path, help="base checkpoint (default: the path recorded in the store)")
+    p.add_argument("--reference", type=Path, help="uncompressed expert (default: the path recorded in the store)")
+    p.add_argument("--text", type=Path, required=True, help="JSONL of held-out examples")
+    p.add_argument("--limit", type=int, default=64, help="examples to score (default 64)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fidelity)
+
+
+def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path]:
+    from meswitch.zoo.build import ZooPaths, zoo_dir
+    from meswitch.zoo.recipe import get_recipe
+
+    experts = dict(args.expert)
+    base, calib = args.base, args.calib
+    if args.zoo:
+        paths = ZooPaths(zoo_dir(args.zoo))
+        base = base or paths.base
+        calib = calib or paths.split(None, "train")
+        if not experts:
+            experts = {n: paths.expert(n) for n, _ in get_recipe(args.zoo).experts}
+    if base is None or not experts:
+        raise MeswitchError("give --base DIR and at least one --expert NAME=DIR (or --zoo full|small)")
+    if calib is None:
+        guess = Path(base).parent / "data" / "train.jsonl"
+        if not guess.is_file():
+            raise MeswitchError("no calibration text: pass --calib FILE.jsonl")
+        calib = guess
+    return Path(base), experts, Path(calib)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from meswitch.cli.render import print_json
+    from meswitch.compress.config import CompressConfig
+    from meswitch.compress.pipeline import compress_into_store
+    from meswitch.data.examples import read_jsonl
+
+    base, experts, calib = _resolve_inputs(args)
+    cfg = CompressConfig(
+        method=args.method, bits=1 if args.method == "bitdelta" else args.bits, salient=args.salient,
+        target_bits=args.target_bits, symmetric=not args.asymmetric, clip_ratio=args.clip_ratio,
+        distill_steps=args.distill_steps,
+    )
+    results = compress_into_store(base, experts, args.out, read_jsonl(calib), cfg)
+    if args.json:
+        print_json({"store": str(args.out), "experts": results})
+    else:
+        cmd_inspect(argparse.Namespace(store=args.out, json=False))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from meswitch.cli.render import print_json, print_table
+    from meswitch.store.summary import summarize
+
+    summary = summarize(args.store)
+    if args.json:
+        print_json(summary)
+        return 0
+    rows = []
+    for name, e in summary["experts"].items():
+        f = e.get("fidelity", {})
+        rows.append([name, e["method"], e["bits"], e["bits_per_param"], f"{e['bytes'] / 2**20:.2f} MiB",
+                     f"{e['ratio_vs_fp16']:.1f}x", f.get("kl", "-"), f.get("top1", "-"), f.get("ppl_ratio", "-")])
+    print_table(f"store {args.store}", ["expert", "method", "bits", "bits/param", "bytes", "vs fp16",
+                                        "KL", "top-1", "ppl ratio"], rows)
+    fp = summary["footprint"]
+    print(f"footprint: base + {fp['experts']} compressed experts = {fp['store_bytes'] / 2**20:.1f} MiB "
+          f"vs {fp['experts']} fp16 experts = {fp['fp16_experts_bytes'] / 2**20:.1f} MiB "
+          f"({fp['ratio']:.2f}x smaller)")
+    return 0
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from meswitch.cli.render import print_json, print_table
+    from meswitch.data.examples import read_jsonl
+    from meswitch.eval.store_fidelity import store_fidelity
+
+    examples = read_jsonl(args.text)[: args.limit]
+    if not examples:
+        raise MeswitchError(f"{args.text}: no examples")
+    result = store_fidelity(args.store, args.expert, examples, base_dir=args.base, reference_dir=args.reference)
+    if args.json:
+        print_json(result)
+    else:
+        print_table(f"fidelity of {args.expert!r} ({result['tokens']} tokens)",
+                    ["kl", "top1", "ppl_ratio", "bits_per_param"],
+                    [[result["kl"], result["top1"], result["ppl_ratio"], result["bits_per_param"]]])
+    return 0

@@ -1,0 +1,45 @@
+"""Calibration: which weights are deltas, and the input statistics of every decoder linear layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` modules inside the decoder blocks (``*.layers.<i>.*``), in order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+
+
+@torch.no_grad()
+def collect_act_sq(model: nn.Module, blocks: Iterable[Tensor], names: list[str]) -> dict[str, Tensor]:
+    """Mean squared input activation per input channel of each named linear layer.
+
+    blocks: token id tensors ``[B, L]`` run through ``model``; returns ``{name: [in]}`` float32,
+    ``act_sq_i = mean over every token of x_i**2``.
+    """
+    modules = dict(model.named_modules())
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            counts[name] += x.shape[0]
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for ids in blocks:
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if counts[n] == 0]
+    if missing:
+        raise ValueError(f"no activations reached {missing[:3]} (and {max(0, len(missing) - 3)} more)")
+    return {n: sums[n] / counts[n] for n in names}

@@ -1,0 +1,109 @@
+"""Encode one delta matrix into the tensors a store keeps, and decode them back.
+
+Methods (``meta["method"]``):
+
+- ``salient``: ME-Switch. ``k`` salient input columns in float16, the rest at ``bits`` on a
+  per-output-row grid. Fields: ``codes`` uint8 ``[out, packed_cols(in-k, bits)]``, ``scale`` fp16
+  ``[out]``, ``zero`` fp16 ``[out]`` (asymmetric only), ``salient_idx`` int16 ``[k]``,
+  ``salient_cols`` fp16 ``[out, k]``. ``rtn`` is the same layout with ``k = 0``.
+- ``bitdelta``: ``codes`` uint8 ``[out, packed_cols(in, 1)]`` (sign bits), ``scale`` fp16 ``[1]``.
+- ``dense``: ``delta`` fp16, any shape (norms and other small tensors).
+
+The size of a layer is the sum of its tensors' bytes: every overhead is counted, nothing estimated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meswitch.compress.pack import pack, unpack
+from meswitch.compress.quant import bitdelta, dequantize
+from meswitch.compress.salient import SalientDelta, salient_quantize
+
+METHODS = ("salient", "rtn", "bitdelta")
+
+
+def encode_salient(sd: SalientDelta) -> dict[str, Tensor]:
+    """Store tensors of a :class:`SalientDelta` (codes packed, indices int16)."""
+    out: dict[str, Tensor] = {
+        "codes": pack(sd.codes, sd.bits),
+        "scale": sd.scale.detach().to(torch.float16),
+    }
+    if sd.zero is not None:
+        out["zero"] = sd.zero.detach().to(torch.float16)
+    if sd.k:
+        idx_dtype = torch.int16 if sd.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+        out["salient_idx"] = sd.salient_idx.to(idx_dtype)
+        out["salient_cols"] = sd.salient_cols.to(torch.float16)
+    return out
+
+
+def decode_salient(fields: dict[str, Tensor], meta: dict[str, Any]) -> SalientDelta:
+    """Inverse of :func:`encode_salient`; ``meta`` holds ``bits``, ``shape`` and ``salient`` (k)."""
+    out, n = meta["shape"]
+    k, bits = int(meta["salient"]), int(meta["bits"])
+    idx = fields["salient_idx"].long() if k else torch.zeros(0, dtype=torch.long)
+    cols = fields["salient_cols"] if k else torch.zeros(out, 0, dtype=torch.float16)
+    return SalientDelta(
+        salient_idx=idx,
+        salient_cols=cols,
+        codes=unpack(fields["codes"], bits, n - k),
+        scale=fields["scale"].float(),
+        zero=fields["zero"].float() if "zero" in fields else None,
+        bits=bits,
+        shape=(out, n),
+    )
+
+
+def encode_delta(
+    delta: Tensor,
+    method: str,
+    bits: int,
+    k: int = 0,
+    act_sq: Tensor | None = None,
+    symmetric: bool = True,
+    clip_ratio: float = 1.0,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Compress ``delta: [out, in]`` -> (store tensors, layer meta).
+
+    act_sq: ``[in]`` mean squared calibration activation per input channel (salient selection);
+    without it every channel weighs the same.
+    """
+    shape = [int(delta.shape[0]), int(delta.shape[1])]
+    if method == "bitdelta":
+        codes, scale = bitdelta(delta)
+        meta = {"method": "bitdelta", "bits": 1, "shape": shape, "salient": 0, "symmetric": True}
+        return {"codes": pack(codes, 1), "scale": scale.to(torch.float16)}, meta
+    if method not in ("salient", "rtn"):
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method == "rtn":
+        k = 0
+    if act_sq is None:
+        act_sq = torch.ones(shape[1])
+    sd = salient_quantize(delta.float(), act_sq, bits, k, symmetric, clip_ratio)
+    meta = {"method": method, "bits": bits, "shape": shape, "salient": k, "symmetric": symmetric}
+    return encode_salient(sd), meta
+
+
+def decode_delta(fields: dict[str, Tensor], meta: dict[str, Any]) -> Tensor:
+    """Dense float32 delta from stored tensors: ``[out, in]`` (or the stored shape for ``dense``)."""
+    method = meta["method"]
+    if method == "dense":
+        return fields["delta"].float()
+    if method == "bitdelta":
+        out, n = meta["shape"]
+        return dequantize(unpack(fields["codes"], 1, n), fields["scale"].float(), None, 1)
+    if method in ("salient", "rtn"):
+        return decode_salient(fields, meta).dequantize()
+    raise ValueError(f"unknown method {method!r} in layer meta")
+
+
+def layer_bits(fields: dict[str, Tensor], meta: dict[str, Any]) -> float:
+    """Stored bits per delta parameter of one layer (all fields counted)."""
+    numel = 1
+    for d in meta["shape"]:
+        numel *= int(d)
+    return 8 * sum(t.numel() * t.element_size() for t in fields.values()) / numel

@@ -1,0 +1,23 @@
+"""Compression settings (no heavy imports: the CLI reads the defaults for --help)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress. ``salient``: k per matrix (int >= 1), a fraction of input channels (0 < f < 1),
+    or None to take the largest k that keeps each matrix within ``target_bits``."""
+
+    method: str = "salient"
+    bits: int = 1
+    salient: float | None = None
+    target_bits: float = 1.5
+    symmetric: bool = True
+    clip_ratio: float = 1.0
+    distill_steps: int = 0
+    distill_lr: float = 2e-3
+    calib_blocks: int = 16  # blocks of calib_len tokens for activation statistics and distillation
+    calib_len: int = 256
+    eval_blocks: int = 4  # further blocks kept out of calibration, for the fidelity stored in the manifest

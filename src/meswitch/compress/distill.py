@@ -1,0 +1,136 @@
+"""Tune step sizes by distillation: codes frozen, scales (and zeros) moved so the compressed expert's
+next-token distributions match the full expert's (KL on calibration text).
+
+Each tuned layer's weight is ``W_base + dequantize(codes, scale0 * exp(g), zero0 + scale0 * z)`` with
+learnable ``g`` and ``z`` (scale-free parametrisation: one learning rate fits every layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from meswitch.compress.codec import decode_salient
+from meswitch.compress.pack import unpack
+from meswitch.compress.quant import dequantize
+
+
+class LearnableDelta(nn.Module):
+    """A quantized delta ``[out, in]`` whose grid is trainable; salient columns stay fixed."""
+
+    def __init__(self, fields: dict[str, Tensor], meta: dict[str, Any]):
+        super().__init__()
+        out, n = meta["shape"]
+        self.bits = int(meta["bits"])
+        self.shape = (out, n)
+        if meta["method"] == "bitdelta":
+            codes, scale, zero = unpack(fields["codes"], 1, n), fields["scale"].float(), None
+            rest = torch.arange(n)
+            sal_idx, sal_cols = torch.zeros(0, dtype=torch.long), torch.zeros(out, 0)
+        else:
+            sd = decode_salient(fields, meta)
+            codes, scale, zero, rest = sd.codes, sd.scale, sd.zero, sd.rest_idx
+            sal_idx, sal_cols = sd.salient_idx, sd.salient_cols.float()
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scale0", scale, persistent=False)
+        self.register_buffer("zero0", zero, persistent=False)
+        self.register_buffer("rest_idx", rest, persistent=False)
+        self.register_buffer("salient_idx", sal_idx, persistent=False)
+        self.register_buffer("salient_cols", sal_cols, persistent=False)
+        self.log_gain = nn.Parameter(torch.zeros_like(scale))
+        self.zero_shift = nn.Parameter(torch.zeros_like(zero)) if zero is not None else None
+
+    def grid(self) -> tuple[Tensor, Tensor | None]:
+        scale = self.scale0 * self.log_gain.exp()
+        zero = None if self.zero0 is None else self.zero0 + self.scale0 * self.zero_shift
+        return scale, zero
+
+    def forward(self) -> Tensor:
+        """``[out, in]`` float32 delta."""
+        scale, zero = self.grid()
+        rest = dequantize(self.codes, scale, zero, self.bits)
+        full = rest.new_zeros(self.shape).index_copy(1, self.rest_idx, rest)
+        return full.index_copy(1, self.salient_idx, self.salient_cols)
+
+
+class DeltaLinear(nn.Module):
+    """``y = x (W_base + delta)^T``: a base linear layer plus a learnable quantized delta."""
+
+    def __init__(self, base: nn.Linear, delta: LearnableDelta):
+        super().__init__()
+        self.register_buffer("weight", base.weight.detach(), persistent=False)
+        self.bias = base.bias
+        self.delta = delta
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight + self.delta(), self.bias)
+
+
+def attach(model: nn.Module, layers: dict[str, dict[str, Tensor]], meta: dict[str, dict[str, Any]]) -> list[str]:
+    """Replace each quantized linear of ``model`` (in place) by a DeltaLinear; returns their names."""
+    names = []
+    for name, m in meta.items():
+        if m["method"] not in ("salient", "rtn", "bitdelta"):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, DeltaLinear(getattr(parent, child), LearnableDelta(layers[name], m)))
+        names.append(name)
+    return names
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    blocks: Tensor,
+    masks: Tensor,
+    steps: int,
+    lr: float = 2e-3,
+    batch_size: int = 2,
+    desc: str = "distill",
+) -> list[float]:
+    """Minimise mean per-token KL(teacher || student) over the student's grid parameters.
+
+    blocks, masks: ``[B, L]`` calibration ids and the positions to score. Returns per-step losses.
+    """
+    from tqdm.auto import tqdm
+
+    params = [p for n, p in student.named_parameters() if "log_gain" in n or "zero_shift" in n]
+    if not params:
+        raise ValueError("the student has no DeltaLinear layers to tune (call attach first)")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
+    for step in bar:
+        i = (step * batch_size) % len(blocks)
+        ids, mask = blocks[i : i + batch_size], masks[i : i + batch_size]
+        sel = mask[:, 1:]
+        with torch.no_grad():
+            h = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
+            lp_t = F.log_softmax(teacher.get_output_embeddings()(h).float(), -1)
+        h = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
+        lp_s = F.log_softmax(student.get_output_embeddings()(h).float(), -1)
+        loss = F.kl_div(lp_s, lp_t, log_target=True, reduction="batchmean")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    return losses
+
+
+def export_grid(delta: LearnableDelta, fields: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``fields`` with the tuned scale (and zero) written back as float16."""
+    scale, zero = delta.grid()
+    out = dict(fields)
+    out["scale"] = scale.detach().to(torch.float16)
+    if zero is not None:
+        out["zero"] = zero.detach().to(torch.float16)
+    return out

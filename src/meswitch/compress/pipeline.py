@@ -1,0 +1,176 @@
+"""Compress one expert against its base into a store: calibrate, encode each layer, distil, measure.
+
+Policy for the weights that are not decoder linear layers (documented in docs/compression.md):
+norms and any other changed tensor are stored as a ``dense`` fp16 delta (counted in the size);
+tensors identical to the base (in the reference zoo: the tied embeddings / lm_head, frozen at
+fine-tuning) are not stored and are listed under ``unchanged``.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meswitch.compress.calib import collect_act_sq, linear_names
+from meswitch.compress.codec import encode_delta, layer_bits
+from meswitch.compress.config import CompressConfig
+from meswitch.data.chat import pack_blocks
+from meswitch.data.examples import Example
+from meswitch.errors import MeswitchError
+
+
+class ArchitectureMismatchError(MeswitchError):
+    """Base and expert differ in architecture, parameter names or shapes."""
+
+
+def salient_k(cfg: CompressConfig, out_features: int, in_features: int) -> int:
+    from meswitch.compress.salient import budget_k
+
+    if cfg.method != "salient":
+        return 0
+    if cfg.salient is None:
+        return budget_k(out_features=out_features, in_features=in_features, bits=cfg.bits,
+                        target_bits=cfg.target_bits, symmetric=cfg.symmetric)
+    if 0 < cfg.salient < 1:
+        return max(1, round(cfg.salient * in_features))
+    return min(int(cfg.salient), in_features)
+
+
+def check_compatible(base: dict[str, torch.Tensor], expert: dict[str, torch.Tensor], base_arch: str,
+                     expert_arch: str) -> None:
+    """Raise ArchitectureMismatchError naming the first difference between two state dicts."""
+    if base_arch != expert_arch:
+        raise ArchitectureMismatchError(f"base is {base_arch}, expert is {expert_arch}")
+    missing = sorted(set(base) ^ set(expert))
+    if missing:
+        side = "expert" if missing[0] in base else "base"
+        raise ArchitectureMismatchError(f"tensor {missing[0]!r} is missing from the {side} "
+                                        f"({len(missing)} names differ)")
+    for name, t in base.items():
+        if t.shape != expert[name].shape:
+            raise ArchitectureMismatchError(
+                f"tensor {name!r}: base {list(t.shape)}, expert {list(expert[name].shape)}")
+
+
+def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    shuffled = list(examples)
+    random.Random(0).shuffle(shuffled)  # calibration files are often sorted by domain
+    ids, mask = pack_blocks(shuffled, tok, cfg.calib_len, max_example_len=cfg.calib_len * 2)
+    need = cfg.calib_blocks + cfg.eval_blocks
+    if len(ids) < need:
+        raise MeswitchError(f"calibration text gives {len(ids)} blocks of {cfg.calib_len} tokens; need {need}")
+    return ids[:need], mask[:need]
+
+
+def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, calib: list[Example],
+                   cfg: CompressConfig) -> tuple[dict, dict, dict[str, Any]]:
+    """Compress ``expert`` against ``base`` (both fp32 HF models; ``base`` is modified in place).
+
+    Returns (layers, layer_meta, info) ready for ``DeltaStore.add_expert``.
+    """
+    from tqdm.auto import tqdm
+
+    from meswitch.compress.apply import apply_delta
+    from meswitch.eval.fidelity import compare_models
+
+    t0 = time.perf_counter()
+    b_state, e_state = base.state_dict(), expert.state_dict()
+    check_compatible(b_state, e_state, type(base).__name__, type(expert).__name__)
+    ids, mask = _blocks(calib, tok, cfg)
+    cal_ids, cal_mask = ids[: cfg.calib_blocks], mask[: cfg.calib_blocks]
+    names = linear_names(expert)
+    act_sq = collect_act_sq(expert, cal_ids.split(4), names) if cfg.method == "salient" else {}
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
+        w = f"{name}.weight"
+        delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
+        k = salient_k(cfg, *delta.shape)
+        layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
+                                                cfg.symmetric, cfg.clip_ratio)
+    linear_weights = {f"{n}.weight" for n in names}
+    unchanged = []
+    for pname, t in e_state.items():
+        if pname in linear_weights:
+            continue
+        d = t - b_state[pname]
+        if torch.count_nonzero(d) == 0:
+            unchanged.append(pname)
+        else:
+            layers[pname] = {"delta": d.to(torch.float16)}
+            meta[pname] = {"method": "dense", "bits": 16, "shape": list(d.shape), "salient": 0}
+
+    distill_losses: list[float] = []
+    if cfg.distill_steps > 0 and cfg.method in ("salient", "rtn", "bitdelta"):
+        from meswitch.compress.distill import attach, distill, export_grid
+
+        dense = {n: m for n, m in meta.items() if m["method"] == "dense"}
+        apply_delta(base, {n: layers[n] for n in dense}, dense)
+        tuned = attach(base, layers, meta)
+        distill_losses = distill(base, expert, cal_ids, cal_mask, cfg.distill_steps, cfg.distill_lr)
+        for n in tuned:
+            layers[n] = export_grid(base.get_submodule(n).delta, layers[n])
+            parent, _, child = n.rpartition(".")
+            dl = base.get_submodule(n)
+            lin = torch.nn.Linear(dl.weight.shape[1], dl.weight.shape[0], bias=dl.bias is not None)
+            lin.weight = torch.nn.Parameter(dl.weight, requires_grad=False)
+            lin.bias = dl.bias
+            setattr(base.get_submodule(parent), child, lin)
+        apply_delta(base, {n: layers[n] for n in tuned}, {n: meta[n] for n in tuned})
+    else:
+        apply_delta(base, layers, meta)
+    compress_s = time.perf_counter() - t0
+
+    ev = [(ids[i : i + 2], mask[i : i + 2], None) for i in range(cfg.calib_blocks, len(ids), 2)]
+    fid = compare_models(expert, base, ev)
+    lin_bytes = sum(sum(t.numel() * t.element_size() for t in layers[n].values()) for n in names)
+    lin_params = sum(e_state[f"{n}.weight"].numel() for n in names)
+    all_bytes = sum(t.numel() * t.element_size() for f in layers.values() for t in f.values())
+    n_params = sum(t.numel() for n, t in e_state.items() if n != "lm_head.weight" or not base.config.tie_word_embeddings)
+    info = {
+        "config": asdict(cfg),
+        "bits_per_param": 8 * lin_bytes / lin_params,
+        "delta_params": lin_params,
+        "bytes": all_bytes,
+        "fp16_expert_bytes": 2 * n_params,
+        "ratio_vs_fp16": 2 * n_params / all_bytes,
+        "unchanged": unchanged,
+        "fidelity_calib": fid.as_dict(),
+        "distill_losses": distill_losses[:: max(1, len(distill_losses) // 50)],
+        "compress_s": round(compress_s, 2),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "layer_bits": {n: round(layer_bits(layers[n], meta[n]), 4) for n in names[:7]},
+    }
+    return layers, meta, info
+
+
+def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path, calib: list[Example],
+                        cfg: CompressConfig, overwrite: bool = True) -> dict[str, dict[str, Any]]:
+    """Compress each ``name -> checkpoint dir`` against ``base_dir`` and add it to the store at ``store_path``."""
+    from meswitch.model.checkpoint import load_checkpoint
+    from meswitch.store import DeltaStore, base_info, fingerprint_model
+    from meswitch.store.manifest import check_name
+
+    for name in experts:
+        check_name(name)  # fail before minutes of work, not after
+    base, tok = load_checkpoint(base_dir)
+    store = DeltaStore.create(store_path, fingerprint_model(base), {**base_info(base)})
+    store.set_extra("base_path", str(Path(base_dir).resolve()))
+    del base
+    results = {}
+    for name, exp_dir in experts.items():
+        base, tok = load_checkpoint(base_dir)
+        expert, _ = load_checkpoint(exp_dir)
+        layers, meta, info = compress_model(base, expert, tok, calib, cfg)
+        info["reference_path"] = str(Path(exp_dir).resolve())
+        store.add_expert(name, layers, meta, info, overwrite=overwrite)
+        results[name] = info
+        del base, expert, layers
+    return results

@@ -1,0 +1,55 @@
+"""How faithfully a compressed expert reproduces the original: KL, top-1 agreement, perplexity ratio."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    kl: float  # mean per-token KL(reference || candidate), nats
+    top1: float  # share of scored tokens where both models' argmax agree
+    ppl_ratio: float  # perplexity(candidate) / perplexity(reference) on the text's own next tokens
+    tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _scored_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, attn: Tensor | None) -> Tensor:
+    """``[N, V]`` float32 log-probabilities at the positions that predict a scored token."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+    h = hidden[:, :-1][mask[:, 1:]]
+    return F.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
+
+
+@torch.no_grad()
+def compare_models(
+    reference: nn.Module, candidate: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
+) -> Fidelity:
+    """Compare two causal LMs token by token.
+
+    batches: ``(ids [B, L], mask [B, L] bool, attention_mask [B, L] or None)``; ``mask`` marks the
+    tokens to score (each predicted from the previous position).
+    """
+    kl_sum = agree = 0.0
+    nll_ref = nll_cand = 0.0
+    n = 0
+    for ids, mask, attn in batches:
+        lp_ref = _scored_logprobs(reference, ids, mask, attn)
+        lp_cand = _scored_logprobs(candidate, ids, mask, attn)
+        target = ids[:, 1:][mask[:, 1:]]
+        kl_sum += float((lp_ref.exp() * (lp_ref - lp_cand)).sum())
+        agree += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
+        nll_ref -= float(lp_ref.gather(1, target[:, None]).sum())
+        nll_cand -= float(lp_cand.gather(1, target[:, None]).sum())
+        n += int(target.numel())
+    if n == 0:
+        raise ValueError("no scored tokens to compare")
+    return Fidelity(kl=kl_sum / n, top1=agree / n, ppl_ratio=math.exp((nll_cand - nll_ref) / n), tokens=n)

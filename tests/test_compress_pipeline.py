@@ -1,0 +1,195 @@
+"""Compression end to end on tiny Llama models with the real SmolLM2 tokenizer."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from meswitch.compress.apply import apply_delta
+from meswitch.compress.codec import decode_delta, encode_delta
+from meswitch.compress.config import CompressConfig
+from meswitch.compress.pipeline import ArchitectureMismatchError, compress_into_store, compress_model
+from meswitch.data.examples import write_jsonl
+from meswitch.data.sources import domain_examples
+from meswitch.model.checkpoint import save_checkpoint
+from meswitch.store import DeltaStore
+from meswitch.store.errors import BaseMismatchError, CorruptStoreError, InvalidNameError
+from meswitch.store.summary import summarize
+from tests.conftest import tiny_llama
+
+VOCAB = 49152  # the SmolLM2 tokenizer's
+
+
+def perturbed(base, seed: int, rel: float = 0.05):
+    """An 'expert': every block weight moved by Gaussian noise of ``rel`` times its std (norms too)."""
+    expert = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in expert.named_parameters():
+            if "embed" not in n:
+                p.add_(torch.randn(p.shape, generator=g) * (p.std() if p.std() > 0 else 1.0) * rel)
+    return expert
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return domain_examples("math", 40, 0) + domain_examples("general", 40, 0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    base = tiny_llama(vocab=VOCAB)
+    return base, perturbed(base, 1)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, pair, smollm_tokenizer, calib):
+    root = tmp_path_factory.mktemp("ckpts")
+    base, expert = pair
+    save_checkpoint(base, smollm_tokenizer, root / "base", {"role": "base"})
+    save_checkpoint(expert, smollm_tokenizer, root / "expert", {"role": "expert"})
+    write_jsonl(root / "calib.jsonl", calib)
+    return root
+
+
+def _small(**kw):
+    return CompressConfig(calib_blocks=4, eval_blocks=2, calib_len=128, **kw)
+
+
+def test_lossless_setting_reproduces_expert(pair, smollm_tokenizer, calib):
+    base, expert = pair
+    # every input channel salient: the delta is stored in fp16, so only fp16 rounding remains
+    layers, meta, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                                        _small(method="salient", bits=2, salient=100000))
+    merged = apply_delta(copy.deepcopy(base), layers, meta)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    assert torch.allclose(merged(ids).logits, expert(ids).logits, atol=1e-4)
+    assert info["fidelity_calib"]["kl"] < 1e-6
+
+
+def test_codec_matches_direct_quantization():
+    torch.manual_seed(0)
+    delta = torch.randn(48, 80) * 0.01
+    # BitDelta: sign times the matrix's mean magnitude
+    d = decode_delta(*encode_delta(delta, "bitdelta", 1))
+    expect = torch.where(delta >= 0, 1.0, -1.0) * delta.abs().mean()
+    assert torch.allclose(d, expect, rtol=1e-3)
+    # rtn at 4 bits lands within half a step of every entry (absmax grid)
+    fields, meta = encode_delta(delta, "rtn", 4)
+    step = 2 * delta.abs().amax(1, keepdim=True) / 15
+    assert ((decode_delta(fields, meta) - delta).abs() <= step / 2 * 1.01).all()
+    assert meta["salient"] == 0 and "salient_idx" not in fields
+    # salient columns come back exactly (fp16)
+    act = torch.ones(80)
+    act[[3, 50]] = 1e4
+    fields, meta = encode_delta(delta, "salient", 1, k=2, act_sq=act)
+    d = decode_delta(fields, meta)
+    assert fields["salient_idx"].tolist() == [3, 50]
+    assert torch.equal(d[:, [3, 50]], delta[:, [3, 50]].half().float())
+
+
+def test_more_bits_are_more_faithful(pair, smollm_tokenizer, calib):
+    base, expert = pair
+    kls = []
+    for bits in (1, 2, 4):
+        _, _, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="rtn", bits=bits))
+        kls.append(info["fidelity_calib"]["kl"])
+        assert bits <= info["bits_per_param"] < bits + 0.5
+    assert kls[0] > kls[1] > kls[2]
+
+
+def test_salient_channels_beat_plain_rtn_at_same_bits(pair, smollm_tokenizer, calib):
+    base, expert = pair
+    _, _, rtn = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="rtn", bits=1))
+    _, _, sal = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                               _small(method="salient", bits=1, salient=8))
+    assert sal["fidelity_calib"]["kl"] < rtn["fidelity_calib"]["kl"]
+    assert sal["bits_per_param"] > rtn["bits_per_param"]
+
+
+def test_distillation_lowers_its_objective(pair, smollm_tokenizer, calib):
+    base, _ = pair
+    expert = perturbed(base, 2, rel=1.0)  # a large delta: one BitDelta scale per matrix fits it badly
+    cfg = CompressConfig(calib_blocks=2, eval_blocks=2, calib_len=128, method="bitdelta", distill_steps=10,
+                         distill_lr=0.05)
+    _, _, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg)
+    losses = info["distill_losses"]  # the same batch every step (2 blocks, batch 2)
+    assert len(losses) == 10 and losses[-1] < 0.9 * losses[0]
+
+
+def test_target_bits_budget_is_respected(pair, smollm_tokenizer, calib):
+    base, expert = pair
+    _, _, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                                _small(method="salient", bits=1, target_bits=1.3))
+    assert 1.0 < info["bits_per_param"] <= 1.3
+
+
+def test_store_round_trip_and_size_accounting(ckpts, calib, tmp_path):
+    store_path = tmp_path / "store"
+    res = compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, _small())
+    store = DeltaStore.open(store_path)
+    assert store.experts == ["e1"]
+    # bytes per layer, read back from the file, independently of the pipeline's accounting
+    layers, entry = store.load_expert("e1")
+    lin = [n for n, m in entry["layers"].items() if m["method"] != "dense"]
+    nbytes = sum(t.numel() * t.element_size() for n in lin for t in layers[n].values())
+    params = sum(entry["layers"][n]["shape"][0] * entry["layers"][n]["shape"][1] for n in lin)
+    assert res["e1"]["bits_per_param"] == pytest.approx(8 * nbytes / params)
+    s = summarize(store_path)
+    assert s["experts"]["e1"]["bytes"] == (store_path / "experts" / "e1.safetensors").stat().st_size
+    assert s["experts"]["e1"]["ratio_vs_fp16"] > 1
+
+
+def test_bad_inputs_are_specific(ckpts, calib, tmp_path, smollm_tokenizer):
+    with pytest.raises(InvalidNameError):
+        compress_into_store(ckpts / "base", {"../evil": ckpts / "expert"}, tmp_path / "s", calib, _small())
+    assert not (tmp_path / "evil.safetensors").exists()
+    # another architecture (different width)
+    other = tiny_llama(vocab=VOCAB, layers=2)
+    other.model.layers[0].mlp.up_proj = torch.nn.Linear(64, 96, bias=False)
+    with pytest.raises(ArchitectureMismatchError, match="up_proj"):
+        compress_model(tiny_llama(vocab=VOCAB), other, smollm_tokenizer, calib, _small())
+    # a store made from another base refuses a new expert
+    store_path = tmp_path / "store"
+    compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, _small())
+    save_checkpoint(tiny_llama(seed=7, vocab=VOCAB), smollm_tokenizer, tmp_path / "other_base", {"role": "x"})
+    with pytest.raises(BaseMismatchError):
+        compress_into_store(tmp_path / "other_base", {"e2": ckpts / "expert"}, store_path, calib, _small())
+    # a truncated store file is caught before use
+    f = store_path / "experts" / "e1.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CorruptStoreError, match="truncated"):
+        DeltaStore.open(store_path).load_expert("e1")
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "meswitch", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_cli_compress_inspect_fidelity(ckpts, tmp_path):
+    store = tmp_path / "cli-store"
+    res = _cli("compress", "--base", str(ckpts / "base"), "--expert", f"math={ckpts / 'expert'}",
+               "--out", str(store), "--calib", str(ckpts / "calib.jsonl"), "--method", "rtn", "--bits", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert 2 <= out["experts"]["math"]["bits_per_param"] < 2.5
+    res = _cli("inspect", str(store), "--json")
+    info = json.loads(res.stdout)["experts"]["math"]
+    assert {"bits_per_param", "bytes", "ratio_vs_fp16"} <= set(info)
+    res = _cli("eval", "fidelity", str(store), "--expert", "math", "--text", str(ckpts / "calib.jsonl"),
+               "--limit", "8", "--json")
+    assert res.returncode == 0, res.stderr
+    fid = json.loads(res.stdout)
+    assert {"kl", "top1", "ppl_ratio", "bits_per_param"} <= set(fid)
+    assert 0 <= fid["kl"] < 0.1 and 0.9 < fid["top1"] <= 1
+    res = _cli("eval", "fidelity", str(store), "--expert", "nope", "--text", str(ckpts / "calib.jsonl"))
+    assert res.returncode == 2 and "nope" in res.stderr and "math" in res.stderr
+    res = _cli("compress", "--base", str(ckpts / "base"), "--expert", "a/b=" + str(ckpts / "expert"),
+               "--out", str(store), "--calib", str(ckpts / "calib.jsonl"))
+    assert res.returncode == 2 and "a/b" in res.stderr
