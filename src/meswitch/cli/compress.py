@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, help="base model checkpoint directory")
     p.add_argument("--expert", type=_expert_arg, action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--out", type=Path, required=True, help="store directory (created, or added to)")
-    p.add_argument("--method", choices=["salient", "rtn", "bitdelta"], default=d.method)
+    p.add_argument("--method", choices=["salient", "mixed", "sign2d", "rtn", "bitdelta"], default=d.method)
     p.add_argument("--bits", type=int, choices=[1, 2, 3, 4], default=d.bits)
     p.add_argument("--salient", type=_salient_arg, default=d.salient,
                    help="salient columns per matrix: a count K or a fraction (default: fit --target-bits)")

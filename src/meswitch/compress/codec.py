@@ -6,6 +6,9 @@ Methods (``meta["method"]``):
   per-output-row grid. Fields: ``codes`` uint8 ``[out, packed_cols(in-k, bits)]``, ``scale`` fp16
   ``[out]``, ``zero`` fp16 ``[out]`` (asymmetric only), ``salient_idx`` int16 ``[k]``,
   ``salient_cols`` fp16 ``[out, k]``. ``rtn`` is the same layout with ``k = 0``.
+- ``sign2d``: 1-bit signs with a scale per output row and per input column (a rank-1 magnitude),
+  plus ``k`` salient fp16 columns as above. Fields: ``codes`` ``[out, packed_cols(in-k, 1)]``,
+  ``scale`` fp16 ``[out]``, ``col_scale`` fp16 ``[in-k]``, ``salient_idx``, ``salient_cols``.
 - ``bitdelta``: ``codes`` uint8 ``[out, packed_cols(in, 1)]`` (sign bits), ``scale`` fp16 ``[1]``.
 - ``dense``: ``delta`` fp16, any shape (norms and other small tensors).
 
@@ -20,10 +23,10 @@ import torch
 from torch import Tensor
 
 from meswitch.compress.pack import pack, unpack
-from meswitch.compress.quant import bitdelta, dequantize
-from meswitch.compress.salient import SalientDelta, salient_quantize
+from meswitch.compress.quant import bitdelta, dequantize, sign2d, sign2d_dequantize
+from meswitch.compress.salient import SalientDelta, channel_error, salient_quantize
 
-METHODS = ("salient", "rtn", "bitdelta")
+METHODS = ("salient", "sign2d", "rtn", "bitdelta")
 
 
 def encode_salient(sd: SalientDelta) -> dict[str, Tensor]:
@@ -77,6 +80,9 @@ def encode_delta(
         codes, scale = bitdelta(delta)
         meta = {"method": "bitdelta", "bits": 1, "shape": shape, "salient": 0, "symmetric": True}
         return {"codes": pack(codes, 1), "scale": scale.to(torch.float16)}, meta
+    if method == "sign2d":
+        return encode_sign2d(delta, k, act_sq), {
+            "method": "sign2d", "bits": 1, "shape": shape, "salient": k, "symmetric": True}
     if method not in ("salient", "rtn"):
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if method == "rtn":
@@ -86,6 +92,44 @@ def encode_delta(
     sd = salient_quantize(delta.float(), act_sq, bits, k, symmetric, clip_ratio)
     meta = {"method": method, "bits": bits, "shape": shape, "salient": k, "symmetric": symmetric}
     return encode_salient(sd), meta
+
+
+def _salient_fields(delta: Tensor, idx: Tensor) -> dict[str, Tensor]:
+    if not len(idx):
+        return {}
+    idx_dtype = torch.int16 if delta.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+    return {"salient_idx": idx.to(idx_dtype), "salient_cols": delta[:, idx].to(torch.float16)}
+
+
+def encode_sign2d(delta: Tensor, k: int, act_sq: Tensor | None) -> dict[str, Tensor]:
+    """Signs with row and column scales (:func:`~meswitch.compress.quant.sign2d`); the k input
+    channels with the largest activation-weighted error of that fit stay in fp16."""
+    delta = delta.float()
+    act = torch.ones(delta.shape[1]) if act_sq is None else act_sq.float()
+    idx = torch.zeros(0, dtype=torch.long)
+    if k:
+        c, r, col = sign2d(delta, act)
+        idx = torch.topk(channel_error(delta, sign2d_dequantize(c, r, col), act), k).indices.sort().values
+    keep = torch.ones(delta.shape[1], dtype=torch.bool)
+    keep[idx] = False
+    codes, row, col = sign2d(delta[:, keep], act[keep])
+    return {"codes": pack(codes, 1), "scale": row.to(torch.float16), "col_scale": col.to(torch.float16),
+            **_salient_fields(delta, idx)}
+
+
+def decode_sign2d(fields: dict[str, Tensor], meta: dict[str, Any]) -> Tensor:
+    out, n = meta["shape"]
+    k = int(meta["salient"])
+    rest = sign2d_dequantize(unpack(fields["codes"], 1, n - k), fields["scale"].float(), fields["col_scale"].float())
+    if not k:
+        return rest
+    idx = fields["salient_idx"].long()
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    full = rest.new_zeros(out, n)
+    full[:, keep] = rest
+    full[:, idx] = fields["salient_cols"].float()
+    return full
 
 
 def decode_delta(fields: dict[str, Tensor], meta: dict[str, Any]) -> Tensor:
@@ -98,6 +142,8 @@ def decode_delta(fields: dict[str, Tensor], meta: dict[str, Any]) -> Tensor:
         return dequantize(unpack(fields["codes"], 1, n), fields["scale"].float(), None, 1)
     if method in ("salient", "rtn"):
         return decode_salient(fields, meta).dequantize()
+    if method == "sign2d":
+        return decode_sign2d(fields, meta)
     raise ValueError(f"unknown method {method!r} in layer meta")
 
 

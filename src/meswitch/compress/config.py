@@ -8,14 +8,18 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class CompressConfig:
     """How to compress. ``salient``: k per matrix (int >= 1), a fraction of input channels (0 < f < 1),
-    or None to take the largest k that keeps each matrix within ``target_bits``."""
+    or None to take the largest k that keeps each matrix within ``target_bits``.
+
+    The defaults are the setting benchmarks/compression.py measured best on the reference zoo
+    (docs/compression.md): 2-bit salient, a few fp16 columns per matrix, grid at 0.7 x absmax.
+    """
 
     method: str = "salient"
-    bits: int = 1
+    bits: int = 2
     salient: float | None = None
-    target_bits: float = 1.5
+    target_bits: float = 2.1
     symmetric: bool = True
-    clip_ratio: float = 1.0
+    clip_ratio: float = 0.7
     distill_steps: int = 0
     distill_lr: float = 2e-3
     calib_blocks: int = 16  # blocks of calib_len tokens for activation statistics and distillation

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from meswitch.compress.codec import decode_salient
 from meswitch.compress.pack import unpack
-from meswitch.compress.quant import dequantize
+from meswitch.compress.quant import dequantize, sign2d_dequantize
 
 
 class LearnableDelta(nn.Module):
@@ -26,10 +26,17 @@ class LearnableDelta(nn.Module):
         out, n = meta["shape"]
         self.bits = int(meta["bits"])
         self.shape = (out, n)
-        if meta["method"] == "bitdelta":
-            codes, scale, zero = unpack(fields["codes"], 1, n), fields["scale"].float(), None
-            rest = torch.arange(n)
-            sal_idx, sal_cols = torch.zeros(0, dtype=torch.long), torch.zeros(out, 0)
+        col = None
+        if meta["method"] in ("bitdelta", "sign2d"):
+            k = int(meta.get("salient", 0))
+            codes, scale, zero = unpack(fields["codes"], 1, n - k), fields["scale"].float(), None
+            sal_idx = fields["salient_idx"].long() if k else torch.zeros(0, dtype=torch.long)
+            sal_cols = fields["salient_cols"].float() if k else torch.zeros(out, 0)
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[sal_idx] = False
+            rest = keep.nonzero().squeeze(1)
+            if "col_scale" in fields:
+                col = fields["col_scale"].float()
         else:
             sd = decode_salient(fields, meta)
             codes, scale, zero, rest = sd.codes, sd.scale, sd.zero, sd.rest_idx
@@ -40,18 +47,26 @@ class LearnableDelta(nn.Module):
         self.register_buffer("rest_idx", rest, persistent=False)
         self.register_buffer("salient_idx", sal_idx, persistent=False)
         self.register_buffer("salient_cols", sal_cols, persistent=False)
+        self.register_buffer("col0", col, persistent=False)
         self.log_gain = nn.Parameter(torch.zeros_like(scale))
         self.zero_shift = nn.Parameter(torch.zeros_like(zero)) if zero is not None else None
+        self.col_log_gain = nn.Parameter(torch.zeros_like(col)) if col is not None else None
 
     def grid(self) -> tuple[Tensor, Tensor | None]:
         scale = self.scale0 * self.log_gain.exp()
         zero = None if self.zero0 is None else self.zero0 + self.scale0 * self.zero_shift
         return scale, zero
 
+    def col_scale(self) -> Tensor | None:
+        return None if self.col0 is None else self.col0 * self.col_log_gain.exp()
+
     def forward(self) -> Tensor:
         """``[out, in]`` float32 delta."""
         scale, zero = self.grid()
-        rest = dequantize(self.codes, scale, zero, self.bits)
+        if self.col0 is not None:
+            rest = sign2d_dequantize(self.codes, scale, self.col_scale())
+        else:
+            rest = dequantize(self.codes, scale, zero, self.bits)
         full = rest.new_zeros(self.shape).index_copy(1, self.rest_idx, rest)
         return full.index_copy(1, self.salient_idx, self.salient_cols)
 
@@ -73,7 +88,7 @@ def attach(model: nn.Module, layers: dict[str, dict[str, Tensor]], meta: dict[st
     """Replace each quantized linear of ``model`` (in place) by a DeltaLinear; returns their names."""
     names = []
     for name, m in meta.items():
-        if m["method"] not in ("salient", "rtn", "bitdelta"):
+        if m["method"] == "dense":
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -98,7 +113,7 @@ def distill(
     """
     from tqdm.auto import tqdm
 
-    params = [p for n, p in student.named_parameters() if "log_gain" in n or "zero_shift" in n]
+    params = [p for n, p in student.named_parameters() if "log_gain" in n or "zero_shift" in n]  # incl. col_log_gain
     if not params:
         raise ValueError("the student has no DeltaLinear layers to tune (call attach first)")
     for p in student.parameters():
@@ -133,4 +148,7 @@ def export_grid(delta: LearnableDelta, fields: dict[str, Tensor]) -> dict[str, T
     out["scale"] = scale.detach().to(torch.float16)
     if zero is not None:
         out["zero"] = zero.detach().to(torch.float16)
+    col = delta.col_scale()
+    if col is not None:
+        out["col_scale"] = col.detach().to(torch.float16)
     return out

@@ -32,11 +32,14 @@ class ArchitectureMismatchError(MeswitchError):
 def salient_k(cfg: CompressConfig, out_features: int, in_features: int) -> int:
     from meswitch.compress.salient import budget_k
 
-    if cfg.method != "salient":
+    if cfg.method not in ("salient", "sign2d"):
         return 0
     if cfg.salient is None:
-        return budget_k(out_features=out_features, in_features=in_features, bits=cfg.bits,
-                        target_bits=cfg.target_bits, symmetric=cfg.symmetric)
+        # sign2d also stores one fp16 scale per input column: about 16 / out bits per parameter
+        target = cfg.target_bits - (16 / out_features if cfg.method == "sign2d" else 0.0)
+        bits = 1 if cfg.method == "sign2d" else cfg.bits
+        return budget_k(out_features=out_features, in_features=in_features, bits=bits,
+                        target_bits=target, symmetric=cfg.symmetric or cfg.method == "sign2d")
     if 0 < cfg.salient < 1:
         return max(1, round(cfg.salient * in_features))
     return min(int(cfg.salient), in_features)
@@ -69,9 +72,11 @@ def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig) -> tuple[tor
 
 
 def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, calib: list[Example],
-                   cfg: CompressConfig) -> tuple[dict, dict, dict[str, Any]]:
+                   cfg: CompressConfig, act_sq: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[dict, dict, dict[str, Any]]:
     """Compress ``expert`` against ``base`` (both fp32 HF models; ``base`` is modified in place).
 
+    act_sq: calibration statistics from :func:`expert_act_sq` to reuse across settings (else computed).
     Returns (layers, layer_meta, info) ready for ``DeltaStore.add_expert``.
     """
     from tqdm.auto import tqdm
@@ -85,16 +90,25 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     ids, mask = _blocks(calib, tok, cfg)
     cal_ids, cal_mask = ids[: cfg.calib_blocks], mask[: cfg.calib_blocks]
     names = linear_names(expert)
-    act_sq = collect_act_sq(expert, cal_ids.split(4), names) if cfg.method == "salient" else {}
+    if act_sq is None:
+        needs_act = cfg.method in ("salient", "sign2d", "mixed")
+        act_sq = collect_act_sq(expert, cal_ids.split(4), names) if needs_act else {}
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     meta: dict[str, dict[str, Any]] = {}
-    for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
-        w = f"{name}.weight"
-        delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
-        k = salient_k(cfg, *delta.shape)
-        layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
-                                                cfg.symmetric, cfg.clip_ratio)
+    if cfg.method == "mixed":
+        from meswitch.compress.allocate import allocate
+
+        getters = {n: (lambda w=f"{n}.weight": e_state[w] - b_state[w]) for n in names}
+        for name, (fields, m) in allocate(getters, act_sq, cfg.target_bits).items():
+            layers[name], meta[name] = fields, m
+    else:
+        for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
+            w = f"{name}.weight"
+            delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
+            k = salient_k(cfg, *delta.shape)
+            layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
+                                                    cfg.symmetric, cfg.clip_ratio)
     linear_weights = {f"{n}.weight" for n in names}
     unchanged = []
     for pname, t in e_state.items():
@@ -108,7 +122,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
             meta[pname] = {"method": "dense", "bits": 16, "shape": list(d.shape), "salient": 0}
 
     distill_losses: list[float] = []
-    if cfg.distill_steps > 0 and cfg.method in ("salient", "rtn", "bitdelta"):
+    if cfg.distill_steps > 0:
         from meswitch.compress.distill import attach, distill, export_grid
 
         dense = {n: m for n, m in meta.items() if m["method"] == "dense"}
@@ -149,6 +163,13 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         "layer_bits": {n: round(layer_bits(layers[n], meta[n]), 4) for n in names[:7]},
     }
     return layers, meta, info
+
+
+def expert_act_sq(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig
+                  ) -> dict[str, torch.Tensor]:
+    """The per-channel activation statistics :func:`compress_model` would collect for ``cfg``."""
+    ids, _ = _blocks(calib, tok, cfg)
+    return collect_act_sq(expert, ids[: cfg.calib_blocks].split(4), linear_names(expert))
 
 
 def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path, calib: list[Example],

@@ -171,3 +171,33 @@ def bitdelta(delta: Tensor) -> tuple[Tensor, Tensor]:
     mean_abs = d.abs().mean().reshape(1) if d.numel() else torch.zeros(1, device=d.device)
     scale = _to_f16((2 * mean_abs).clamp_min(SCALE_FLOOR), up=True)
     return quantize(d, scale, None, 1), scale
+
+
+def sign2d(delta: Tensor, act_sq: Tensor | None = None, iters: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """1-bit delta with a scale per output row *and* per input column.
+
+    ``delta: [out, in]`` -> (``codes: uint8 [out, in]`` = ``delta >= 0``, ``row: [out]``, ``col: [in]``)
+    with ``delta ~= sign(delta) * row[:, None] * col[None, :]``. ``row`` and ``col`` are the
+    non-negative rank-1 fit of ``|delta|`` minimising ``sum_i act_sq_i * sum_j (|delta_ji| - row_j col_i)^2``
+    (alternating least squares; ``act_sq`` weighs the input channels the calibration text uses most).
+    Both scales are rounded to float16-representable values.
+    """
+    d = check_delta(delta).detach().float()
+    a = d.abs()
+    w = torch.ones(d.shape[1], device=d.device) if act_sq is None else act_sq.detach().float().clamp_min(1e-12)
+    col = a.mean(0).clamp_min(SCALE_FLOOR)
+    row = a.mean(1).clamp_min(SCALE_FLOOR)
+    for _ in range(iters):
+        row = ((a * (w * col)).sum(1) / (w * col.square()).sum().clamp_min(1e-30)).clamp_min(SCALE_FLOOR)
+        col = ((a * row[:, None]).sum(0) / row.square().sum().clamp_min(1e-30)).clamp_min(SCALE_FLOOR)
+    # balance the two factors so neither under- or overflows float16
+    g = (row.amax() / col.amax()).sqrt()
+    row, col = row / g, col * g
+    codes = (d >= 0).to(torch.uint8)
+    return codes, _to_f16(row, up=True), _to_f16(col, up=True)
+
+
+def sign2d_dequantize(codes: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """``(2 * codes - 1) * row[:, None] * col[None, :]``: ``[out, in]``; differentiable in ``row``/``col``."""
+    dtype = torch.promote_types(row.dtype, torch.float32)
+    return (codes.to(dtype) * 2 - 1) * row.to(dtype)[:, None] * col.to(dtype)[None, :]

@@ -30,19 +30,30 @@ def _scored_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, attn: Tensor |
 
 
 @torch.no_grad()
-def compare_models(
-    reference: nn.Module, candidate: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
-) -> Fidelity:
-    """Compare two causal LMs token by token.
+def reference_states(
+    reference: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
+) -> list[tuple[Tensor, Tensor, Tensor | None, Tensor]]:
+    """Run the reference once: ``(ids, mask, attn, hidden [N, H])`` per batch, ``hidden`` at scored positions.
 
-    batches: ``(ids [B, L], mask [B, L] bool, attention_mask [B, L] or None)``; ``mask`` marks the
-    tokens to score (each predicted from the previous position).
+    Comparing many candidates against one reference then costs one head projection each, not a forward.
     """
+    out = []
+    for ids, mask, attn in batches:
+        hidden = reference.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        out.append((ids, mask, attn, hidden[:, :-1][mask[:, 1:]]))
+    return out
+
+
+@torch.no_grad()
+def compare_to_states(
+    states: list[tuple[Tensor, Tensor, Tensor | None, Tensor]], head: nn.Module, candidate: nn.Module
+) -> Fidelity:
+    """:func:`compare_models` against cached reference states; ``head`` is the reference's output layer."""
     kl_sum = agree = 0.0
     nll_ref = nll_cand = 0.0
     n = 0
-    for ids, mask, attn in batches:
-        lp_ref = _scored_logprobs(reference, ids, mask, attn)
+    for ids, mask, attn, h_ref in states:
+        lp_ref = F.log_softmax(head(h_ref).float(), dim=-1)
         lp_cand = _scored_logprobs(candidate, ids, mask, attn)
         target = ids[:, 1:][mask[:, 1:]]
         kl_sum += float((lp_ref.exp() * (lp_ref - lp_cand)).sum())
@@ -53,3 +64,14 @@ def compare_models(
     if n == 0:
         raise ValueError("no scored tokens to compare")
     return Fidelity(kl=kl_sum / n, top1=agree / n, ppl_ratio=math.exp((nll_cand - nll_ref) / n), tokens=n)
+
+
+def compare_models(
+    reference: nn.Module, candidate: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
+) -> Fidelity:
+    """Compare two causal LMs token by token.
+
+    batches: ``(ids [B, L], mask [B, L] bool, attention_mask [B, L] or None)``; ``mask`` marks the
+    tokens to score (each predicted from the previous position).
+    """
+    return compare_to_states(reference_states(reference, batches), reference.get_output_embeddings(), candidate)

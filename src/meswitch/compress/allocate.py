@@ -1,0 +1,105 @@
+"""Bits where they matter: choose each matrix's encoding under one global budget.
+
+Each decoder matrix gets one rung of a ladder of encodings (cheapest first, e.g. 1-bit signs with
+row/column scales, then 2-bit round-to-nearest). Starting from the cheapest rung everywhere, the
+matrix whose next rung buys the largest drop in proxy error per extra byte is upgraded, until the
+budget of ``target_bits`` per delta parameter is spent. The proxy is the layer's expected squared
+output error on calibration activations, ``sum_i act_sq_i * sum_j (delta_ji - deq_ji)^2``.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from meswitch.compress.codec import decode_delta, encode_delta
+
+Encoded = tuple[dict[str, Tensor], dict[str, Any]]
+Rung = Callable[[Tensor, Tensor | None], Encoded]
+
+# (label, encoder): cheapest first
+LADDER: Sequence[tuple[str, Rung]] = (
+    ("sign2d", lambda d, a: encode_delta(d, "sign2d", 1, 0, a)),
+    ("rtn2", lambda d, a: encode_delta(d, "rtn", 2, 0, a)),
+    ("rtn3", lambda d, a: encode_delta(d, "rtn", 3, 0, a)),
+)
+
+
+def nbytes(fields: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in fields.values())
+
+
+def output_error(delta: Tensor, encoded: Encoded, act_sq: Tensor | None) -> float:
+    """``sum_i act_sq_i * sum_j (delta_ji - deq_ji)^2``: expected squared output error per token."""
+    err = (decode_delta(*encoded) - delta.float()).square().sum(0)
+    return float(err @ act_sq.float()) if act_sq is not None else float(err.sum())
+
+
+def allocate(
+    deltas: dict[str, Callable[[], Tensor]],
+    act_sq: dict[str, Tensor],
+    target_bits: float,
+    ladder: Sequence[tuple[str, Rung]] = LADDER,
+) -> dict[str, Encoded]:
+    """Pick one rung per matrix so that total bits / total parameters <= ``target_bits``.
+
+    deltas: name -> a function returning ``delta: [out, in]`` (called once per matrix; the dense delta
+    is dropped after its rungs are encoded). Returns name -> (fields, meta) of the chosen rung.
+    """
+    rungs: dict[str, list[tuple[Encoded, float, int]]] = {}
+    params = 0
+    for name, get in deltas.items():
+        d = get()
+        params += d.numel()
+        a = act_sq.get(name)
+        rungs[name] = []
+        for _, enc in ladder:
+            e = enc(d, a)
+            rungs[name].append((e, output_error(d, e, a), nbytes(e[0])))
+        del d
+    budget = target_bits * params / 8
+    level = dict.fromkeys(rungs, 0)
+    spent = sum(r[0][2] for r in rungs.values())
+    if spent > budget:
+        raise ValueError(f"target of {target_bits} bits per parameter is below the cheapest encoding "
+                         f"({8 * spent / params:.3f})")
+
+    def gain(name: str) -> tuple[float, str] | None:
+        i = level[name]
+        if i + 1 >= len(rungs[name]):
+            return None
+        (_, e0, b0), (_, e1, b1) = rungs[name][i], rungs[name][i + 1]
+        return (-(e0 - e1) / max(b1 - b0, 1), name)
+
+    heap = [g for g in (gain(n) for n in rungs) if g is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        i = level[name]
+        extra = rungs[name][i + 1][2] - rungs[name][i][2]
+        if spent + extra > budget:
+            continue  # too big for what is left; a cheaper upgrade elsewhere may still fit
+        level[name] = i + 1
+        spent += extra
+        g = gain(name)
+        if g is not None:
+            heapq.heappush(heap, g)
+    out = {}
+    for name, i in level.items():
+        fields, meta = rungs[name][i][0]
+        out[name] = (fields, {**meta, "rung": ladder[i][0]})
+    return out
+
+
+def describe(choice: dict[str, Encoded]) -> dict[str, int]:
+    """How many matrices got each rung."""
+    counts: dict[str, int] = {}
+    for _, meta in choice.values():
+        counts[meta["rung"]] = counts.get(meta["rung"], 0) + 1
+    return counts
+
+
+
