@@ -24,8 +24,11 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 
 setup: $(STAMP)
 
+STORE ?= $(HOME)/.cache/meswitch/stores/full
+
 demo: setup
 	$(BIN)/meswitch zoo build --size full
+	$(BIN)/meswitch compress --zoo full --out $(STORE)
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -54,13 +54,19 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None) -> 
     from meswitch.compress.pipeline import compress_model, expert_act_sq
     from meswitch.data.chat import padded_batches
     from meswitch.data.examples import read_jsonl
+    from meswitch.errors import CacheError
     from meswitch.eval.fidelity import compare_to_states, reference_states
-    from meswitch.model.checkpoint import load_checkpoint
-    from meswitch.zoo.build import ZooPaths, build_zoo
+    from meswitch.model.checkpoint import load_checkpoint, verify_checkpoint
+    from meswitch.zoo.build import ZooPaths, build_zoo, zoo_dir
     from meswitch.zoo.recipe import get_recipe
 
-    report = build_zoo(zoo)
-    paths = ZooPaths(Path(report["paths"]["root"]))
+    paths = ZooPaths(zoo_dir(zoo))
+    wanted = [n for n, _ in get_recipe(zoo).experts if not experts or n in experts]
+    try:  # reuse what exists; build only when something the run needs is missing
+        for p in [paths.base, *(paths.expert(n) for n in wanted)]:
+            verify_checkpoint(p, deep=False)
+    except CacheError:
+        build_zoo(zoo)
     calib = read_jsonl(paths.split(None, "train"))
     base0, tok = load_checkpoint(paths.base)
     rows = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
@@ -13,6 +12,7 @@ from typing import Any
 from meswitch.store.errors import CorruptStoreError
 from meswitch.store.manifest import EXPERTS_DIR, MANIFEST
 from meswitch.utils.atomic import TMP_PREFIX
+from meswitch.utils.lock import file_lock
 
 LOCK = ".lock"
 _CHUNK = 1 << 20
@@ -21,12 +21,8 @@ _CHUNK = 1 << 20
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
     """Exclusive flock on ``root/.lock``; excludes other processes and other threads alike."""
-    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(root / LOCK):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def check_empty(root: Path) -> None:

@@ -31,6 +31,7 @@ from meswitch.model.checkpoint import (
 )
 from meswitch.paths import cache_root
 from meswitch.utils.atomic import atomic_dir, atomic_write_json
+from meswitch.utils.lock import file_lock
 from meswitch.zoo.recipe import ZooRecipe, get_recipe
 
 
@@ -223,6 +224,12 @@ def build_zoo(size: str = "full", out: Path | None = None) -> dict[str, Any]:
     """Build (or reuse) the zoo of ``size`` and return its report; raise ZooBuildError if it misses its contract."""
     recipe = get_recipe(size)
     paths = ZooPaths(zoo_dir(size, out))
+    # one builder per zoo directory: a second one waits, then finds the work done
+    with file_lock(paths.root / ".lock", on_wait=lambda: _log(f"waiting for another build of {paths.root}")):
+        return _build_locked(recipe, paths)
+
+
+def _build_locked(recipe: ZooRecipe, paths: ZooPaths) -> dict[str, Any]:
     t0 = time.perf_counter()
     _ensure_base(recipe, paths)
     _ensure_data(recipe, paths)
