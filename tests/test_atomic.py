@@ -52,3 +52,25 @@ def test_atomic_dir_cleans_stale_temporaries(tmp_path):
         (tmp / "w").write_text("new")
     assert not stale.exists()
     assert (tmp_path / "ckpt" / "w").read_text() == "new"
+
+
+def test_file_lock_makes_a_second_holder_wait(tmp_path):
+    import threading
+    import time
+
+    from meswitch.utils.lock import file_lock
+
+    order, waited = [], []
+    lock = tmp_path / "zoo" / ".lock"
+
+    def second():
+        with file_lock(lock, on_wait=lambda: waited.append(True)):
+            order.append("second")
+
+    with file_lock(lock):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.2)
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "second"] and waited == [True]
