@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-bits", type=float, default=d.target_bits,
                    help="bits per delta parameter that sizes K when --salient is not given")
     p.add_argument("--asymmetric", action="store_true", help="min/max grid with a zero point per row")
-    p.add_argument("--clip-ratio", type=float, default=d.clip_ratio)
+    p.add_argument("--clip-ratio", type=float, default=d.clip_ratio,
+                   help="grid extent as a fraction of each row's absmax (default: 0.7 at 2 bits, else 1.0)")
     p.add_argument("--calib", type=Path, help="calibration JSONL ({'text', 'domain'[, 'response']})")
     p.add_argument("--distill-steps", type=int, default=d.distill_steps)
     p.add_argument("--json", action="store_true")

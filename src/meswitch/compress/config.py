@@ -19,9 +19,16 @@ class CompressConfig:
     salient: float | None = None
     target_bits: float = 2.1
     symmetric: bool = True
-    clip_ratio: float = 0.7
+    clip_ratio: float | None = None  # grid extent / absmax; None: 0.7 at 2 bits, 1.0 otherwise (measured)
     distill_steps: int = 0
     distill_lr: float = 2e-3
     calib_blocks: int = 16  # blocks of calib_len tokens for activation statistics and distillation
     calib_len: int = 256
     eval_blocks: int = 4  # further blocks kept out of calibration, for the fidelity stored in the manifest
+
+    @property
+    def clip(self) -> float:
+        """The grid extent actually used (see ``clip_ratio``)."""
+        if self.clip_ratio is not None:
+            return self.clip_ratio
+        return 0.7 if self.bits == 2 else 1.0

@@ -108,7 +108,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
             delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
             k = salient_k(cfg, *delta.shape)
             layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
-                                                    cfg.symmetric, cfg.clip_ratio)
+                                                    cfg.symmetric, cfg.clip)
     linear_weights = {f"{n}.weight" for n in names}
     unchanged = []
     for pname, t in e_state.items():
@@ -149,7 +149,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     all_bytes = sum(t.numel() * t.element_size() for f in layers.values() for t in f.values())
     n_params = sum(t.numel() for n, t in e_state.items() if n != "lm_head.weight" or not base.config.tie_word_embeddings)
     info = {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "clip": cfg.clip},
         "bits_per_param": 8 * lin_bytes / lin_params,
         "delta_params": lin_params,
         "bytes": all_bytes,
