@@ -181,7 +181,7 @@ def _mix(parts: list[tuple[Callable[[], list[Example]], float]], n: int, seed: i
     seen: set[str] = set()
     for i, (load, share) in enumerate(parts):
         want = n - len(out) if i == len(parts) - 1 else round(n * share)
-        pool = [e for e in load() if e.text not in seen]
+        pool = list({e.text: e for e in load() if e.text not in seen}.values())  # distinct prompts only
         rng.shuffle(pool)
         for e in pool[:want]:
             seen.add(e.text)

@@ -30,7 +30,7 @@ from meswitch.model.checkpoint import (
     verify_checkpoint,
 )
 from meswitch.paths import cache_root
-from meswitch.utils.atomic import atomic_dir, atomic_write_json
+from meswitch.utils.atomic import atomic_dir, atomic_write_json, clean_stale_tmp
 from meswitch.utils.lock import file_lock
 from meswitch.zoo.recipe import ZooRecipe, get_recipe
 
@@ -231,6 +231,9 @@ def build_zoo(size: str = "full", out: Path | None = None) -> dict[str, Any]:
 
 def _build_locked(recipe: ZooRecipe, paths: ZooPaths) -> dict[str, Any]:
     t0 = time.perf_counter()
+    for parent in (paths.root, paths.root / "experts"):  # what killed builds left behind
+        for name in ("base", "data", *(n for n, _ in recipe.experts)):
+            clean_stale_tmp(parent, name)
     _ensure_base(recipe, paths)
     _ensure_data(recipe, paths)
     for i, (name, domain) in enumerate(recipe.experts):

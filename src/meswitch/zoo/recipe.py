@@ -7,7 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 # Bump when the data pipeline or training loop changes in a way the fields below do not capture.
-PIPELINE_VERSION = 1
+# 2: prompts repeated inside one source (chatterbot, ShareGPT) are drawn once, so no held-out
+#    prompt also appears in training.
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
