@@ -34,8 +34,9 @@ def collect_act_sq(model: nn.Module, blocks: Iterable[Tensor], names: list[str])
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model
         for ids in blocks:
-            model(input_ids=ids)
+            body(input_ids=ids)  # the decoder alone: the linear inputs, no [B, L, vocab] logits
     finally:
         for h in handles:
             h.remove()

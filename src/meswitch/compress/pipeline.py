@@ -142,7 +142,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         apply_delta(base, layers, meta)
     compress_s = time.perf_counter() - t0
 
-    ev = [(ids[i : i + 2], mask[i : i + 2], None) for i in range(cfg.calib_blocks, len(ids), 2)]
+    ev = [(ids[i : i + 1], mask[i : i + 1], None) for i in range(cfg.calib_blocks, len(ids))]
     fid = compare_models(expert, base, ev)
     lin_bytes = sum(sum(t.numel() * t.element_size() for t in layers[n].values()) for n in names)
     lin_params = sum(e_state[f"{n}.weight"].numel() for n in names)
