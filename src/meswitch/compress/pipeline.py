@@ -184,14 +184,15 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
     base, tok = load_checkpoint(base_dir)
     store = DeltaStore.create(store_path, fingerprint_model(base), {**base_info(base)})
     store.set_extra("base_path", str(Path(base_dir).resolve()))
-    del base
     results = {}
     for name, exp_dir in experts.items():
-        base, tok = load_checkpoint(base_dir)
+        if base is None:  # compression edits the base in place: a fresh copy per expert
+            base, tok = load_checkpoint(base_dir)
         expert, _ = load_checkpoint(exp_dir)
         layers, meta, info = compress_model(base, expert, tok, calib, cfg)
         info["reference_path"] = str(Path(exp_dir).resolve())
         store.add_expert(name, layers, meta, info, overwrite=overwrite)
         results[name] = info
-        del base, expert, layers
+        base = None
+        del expert, layers
     return results
