@@ -116,9 +116,17 @@ def test_distillation_lowers_its_objective(pair, smollm_tokenizer, calib):
     expert = perturbed(base, 2, rel=1.0)  # a large delta: one BitDelta scale per matrix fits it badly
     cfg = CompressConfig(calib_blocks=2, eval_blocks=2, calib_len=128, method="bitdelta", distill_steps=10,
                          distill_lr=0.05)
-    _, _, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg)
+    student = copy.deepcopy(base)
+    layers, meta, info = compress_model(student, expert, smollm_tokenizer, calib, cfg)
     losses = info["distill_losses"]  # the same batch every step (2 blocks, batch 2)
     assert len(losses) == 10 and losses[-1] < 0.9 * losses[0]
+    # what was measured is what is stored: base + the stored (tuned) deltas, nothing else
+    rebuilt = apply_delta(copy.deepcopy(base), layers, meta)
+    for (name, a), (_, b) in zip(student.state_dict().items(), rebuilt.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    plain, _ = encode_delta(expert.model.layers[0].mlp.up_proj.weight - base.model.layers[0].mlp.up_proj.weight,
+                            "bitdelta", 1)
+    assert not torch.equal(layers["model.layers.0.mlp.up_proj"]["scale"], plain["scale"])  # the scale was tuned
 
 
 def test_target_bits_budget_is_respected(pair, smollm_tokenizer, calib):

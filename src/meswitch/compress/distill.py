@@ -76,12 +76,11 @@ class DeltaLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, delta: LearnableDelta):
         super().__init__()
-        self.register_buffer("weight", base.weight.detach(), persistent=False)
-        self.bias = base.bias
+        self.base = base  # kept whole, so :func:`detach` can put it back
         self.delta = delta
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight + self.delta(), self.bias)
+        return F.linear(x, self.base.weight + self.delta(), self.base.bias)
 
 
 def attach(model: nn.Module, layers: dict[str, dict[str, Tensor]], meta: dict[str, dict[str, Any]]) -> list[str]:
@@ -95,6 +94,38 @@ def attach(model: nn.Module, layers: dict[str, dict[str, Tensor]], meta: dict[st
         setattr(parent, child, DeltaLinear(getattr(parent, child), LearnableDelta(layers[name], m)))
         names.append(name)
     return names
+
+
+def detach(model: nn.Module, names: list[str]) -> None:
+    """Undo :func:`attach`: put the original linear layers back (their weights were never changed)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, getattr(parent, child).base)
+
+
+def tune_grids(
+    student: nn.Module,
+    teacher: nn.Module,
+    layers: dict[str, dict[str, Tensor]],
+    meta: dict[str, dict[str, Any]],
+    blocks: Tensor,
+    masks: Tensor,
+    steps: int,
+    lr: float,
+) -> list[float]:
+    """Distil every quantized layer's grid (see module docstring); ``layers`` get the tuned scales.
+
+    ``student`` is the base with any dense deltas already applied; it is returned to that state.
+    """
+    names = attach(student, layers, meta)
+    try:
+        losses = distill(student, teacher, blocks, masks, steps, lr)
+        for n in names:
+            layers[n] = export_grid(student.get_submodule(n).delta, layers[n])
+    finally:
+        detach(student, names)
+    return losses
 
 
 def distill(

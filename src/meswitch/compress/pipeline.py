@@ -121,25 +121,16 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
             layers[pname] = {"delta": d.to(torch.float16)}
             meta[pname] = {"method": "dense", "bits": 16, "shape": list(d.shape), "salient": 0}
 
+    dense = {n for n, m in meta.items() if m["method"] == "dense"}
+    apply_delta(base, {n: layers[n] for n in dense}, {n: meta[n] for n in dense})
     distill_losses: list[float] = []
     if cfg.distill_steps > 0:
-        from meswitch.compress.distill import attach, distill, export_grid
+        from meswitch.compress.distill import tune_grids
 
-        dense = {n: m for n, m in meta.items() if m["method"] == "dense"}
-        apply_delta(base, {n: layers[n] for n in dense}, dense)
-        tuned = attach(base, layers, meta)
-        distill_losses = distill(base, expert, cal_ids, cal_mask, cfg.distill_steps, cfg.distill_lr)
-        for n in tuned:
-            layers[n] = export_grid(base.get_submodule(n).delta, layers[n])
-            parent, _, child = n.rpartition(".")
-            dl = base.get_submodule(n)
-            lin = torch.nn.Linear(dl.weight.shape[1], dl.weight.shape[0], bias=dl.bias is not None)
-            lin.weight = torch.nn.Parameter(dl.weight, requires_grad=False)
-            lin.bias = dl.bias
-            setattr(base.get_submodule(parent), child, lin)
-        apply_delta(base, {n: layers[n] for n in tuned}, {n: meta[n] for n in tuned})
-    else:
-        apply_delta(base, layers, meta)
+        distill_losses = tune_grids(base, expert, layers, meta, cal_ids, cal_mask, cfg.distill_steps,
+                                    cfg.distill_lr)
+    quantized = [n for n in meta if n not in dense]
+    apply_delta(base, {n: layers[n] for n in quantized}, {n: meta[n] for n in quantized})
     compress_s = time.perf_counter() - t0
 
     ev = [(ids[i : i + 1], mask[i : i + 1], None) for i in range(cfg.calib_blocks, len(ids))]
