@@ -29,6 +29,14 @@ from meswitch.compress.salient import SalientDelta, channel_error, salient_quant
 METHODS = ("salient", "sign2d", "rtn", "bitdelta")
 
 
+def _salient_fields(in_features: int, idx: Tensor, cols: Tensor) -> dict[str, Tensor]:
+    """``salient_idx`` (int16 while in_features allows) and fp16 ``salient_cols: [out, k]``; none when k = 0."""
+    if not len(idx):
+        return {}
+    idx_dtype = torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
+    return {"salient_idx": idx.to(idx_dtype), "salient_cols": cols.to(torch.float16)}
+
+
 def encode_salient(sd: SalientDelta) -> dict[str, Tensor]:
     """Store tensors of a :class:`SalientDelta` (codes packed, indices int16)."""
     out: dict[str, Tensor] = {
@@ -37,11 +45,7 @@ def encode_salient(sd: SalientDelta) -> dict[str, Tensor]:
     }
     if sd.zero is not None:
         out["zero"] = sd.zero.detach().to(torch.float16)
-    if sd.k:
-        idx_dtype = torch.int16 if sd.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
-        out["salient_idx"] = sd.salient_idx.to(idx_dtype)
-        out["salient_cols"] = sd.salient_cols.to(torch.float16)
-    return out
+    return {**out, **_salient_fields(sd.shape[1], sd.salient_idx, sd.salient_cols)}
 
 
 def decode_salient(fields: dict[str, Tensor], meta: dict[str, Any]) -> SalientDelta:
@@ -94,11 +98,7 @@ def encode_delta(
     return encode_salient(sd), meta
 
 
-def _salient_fields(delta: Tensor, idx: Tensor) -> dict[str, Tensor]:
-    if not len(idx):
-        return {}
-    idx_dtype = torch.int16 if delta.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
-    return {"salient_idx": idx.to(idx_dtype), "salient_cols": delta[:, idx].to(torch.float16)}
+
 
 
 def encode_sign2d(delta: Tensor, k: int, act_sq: Tensor | None) -> dict[str, Tensor]:
@@ -114,7 +114,7 @@ def encode_sign2d(delta: Tensor, k: int, act_sq: Tensor | None) -> dict[str, Ten
     keep[idx] = False
     codes, row, col = sign2d(delta[:, keep], act[keep])
     return {"codes": pack(codes, 1), "scale": row.to(torch.float16), "col_scale": col.to(torch.float16),
-            **_salient_fields(delta, idx)}
+            **_salient_fields(delta.shape[1], idx, delta[:, idx])}
 
 
 def decode_sign2d(fields: dict[str, Tensor], meta: dict[str, Any]) -> Tensor:
