@@ -31,6 +31,7 @@ SCHEMES = (
     + [("rtn", b, 0, True) for b in (1, 2, 3, 4)]
     + [("rtn", b, 0, False) for b in (1, 2, 3, 4)]
     + [("bitdelta", 1, 0, True)]
+    + [("sign2d", 1, 0, True), ("sign2d", 1, 6, True)]
 )
 SCHEME_IDS = [f"{m}-{b}b-k{k}-{'sym' if s else 'asym'}" for m, b, k, s in SCHEMES]
 # segment sizes per expert 0..3 (expert 0 resident but unused) plus base-only rows, and orders

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from meswitch.compress.pack import check_bits, packed_cols, unpack
-from meswitch.compress.quant import dequantize
+from meswitch.compress.quant import dequantize, sign2d_dequantize
 from meswitch.engine.segments import Segments
 from meswitch.errors import MeswitchError
 
@@ -48,7 +48,7 @@ MODE_RESIDENT: dict[str, Resident] = {
     "segment-structured": "codes",
     "merged": None,
 }
-_METHODS = ("salient", "rtn", "bitdelta")
+_METHODS = ("salient", "rtn", "bitdelta", "sign2d")
 
 
 class DeltaFormatError(MeswitchError, ValueError):
@@ -84,6 +84,7 @@ class PackedDelta:
     bits: int
     shape: tuple[int, int]
     method: str
+    col_scale: Tensor | None = None  # sign2d: float32 [in - k], level = (2c - 1) * scale_j * col_scale_i
     _cache: dict[str, Tensor] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +102,8 @@ class PackedDelta:
             expect["scale"] = (out,)
         if self.zero is not None:
             expect["zero"] = (out,)
+        if self.col_scale is not None:
+            expect["col_scale"] = (n - k,)
         for name, want in expect.items():
             got = tuple(getattr(self, name).shape)
             if got != want:
@@ -126,6 +129,7 @@ class PackedDelta:
             raise DeltaFormatError(f"meta shape must be [out, in], got {meta.get('shape')!r}") from e
         bits, k = int(meta["bits"]), int(meta.get("salient", 0))
         need = ["codes", "scale"] + (["salient_idx", "salient_cols"] if k else [])
+        need += ["col_scale"] if method == "sign2d" else []
         if missing := [f for f in need if f not in fields]:
             raise DeltaFormatError(
                 f"{method} delta {[out, n]} lacks stored field(s) {missing}; has {sorted(fields)}"
@@ -146,6 +150,7 @@ class PackedDelta:
             bits=bits,
             shape=(out, n),
             method=method,
+            col_scale=fields["col_scale"].float() if method == "sign2d" else None,
         )
         return delta.set_resident(resident)
 
@@ -167,7 +172,10 @@ class PackedDelta:
         """The dense delta ``float32 [out, in]``, the same numbers as ``decode_delta`` (cached one if resident)."""
         if "dense" in self._cache:
             return self._cache["dense"]
-        rest = dequantize(self.codes(), self.scale, self.zero, self.bits)
+        if self.col_scale is not None:
+            rest = sign2d_dequantize(self.codes(), self.scale, self.col_scale)
+        else:
+            rest = dequantize(self.codes(), self.scale, self.zero, self.bits)
         if not self.k:
             return rest
         full = rest.new_zeros(self.shape)
@@ -187,7 +195,8 @@ class PackedDelta:
 
     def nbytes(self) -> int:
         """Bytes held in memory: stored parts (as held, float32/int64) plus whatever is resident."""
-        held = _nbytes(self.packed, self.scale, self.zero, self.salient_idx, self.salient_cols, self.rest_idx)
+        held = _nbytes(self.packed, self.scale, self.zero, self.salient_idx, self.salient_cols, self.rest_idx,
+                       self.col_scale)
         return held + _nbytes(*self._cache.values())
 
     def to(self, device: torch.device | str) -> PackedDelta:
@@ -202,6 +211,7 @@ class PackedDelta:
             self.bits,
             self.shape,
             self.method,
+            None if self.col_scale is None else self.col_scale.to(device),
         )
         moved._cache.update({name: t.to(device) for name, t in self._cache.items()})
         return moved
@@ -218,10 +228,13 @@ class PackedDelta:
             return xf @ self._cache["dense"].T
         c = self._cache["codes"] if "codes" in self._cache else self.codes().float()  # [out, in - k]
         x_r = xf.index_select(1, self.rest_idx) if self.k else xf  # [n, in - k]
+        scale = self.scale
+        if self.col_scale is not None:  # sign2d: (2c - 1) r_j c_i = (c - 1/2) * 2 r_j, columns scaled by c_i
+            x_r, scale = x_r * self.col_scale, self.scale * 2
         x_sum = x_r.sum(1, keepdim=True)  # [n, 1]
         y = x_r @ c.T  # [n, out]
         if self.zero is None:
-            y.sub_(x_sum, alpha=((1 << self.bits) - 1) / 2).mul_(self.scale)
+            y.sub_(x_sum, alpha=((1 << self.bits) - 1) / 2).mul_(scale)
         else:
             y.mul_(self.scale).addcmul_(x_sum, self.zero)
         if self.k:
