@@ -220,3 +220,16 @@ def test_sign2d_recovers_rank1_magnitudes_and_beats_bitdelta():
     fields, meta = encode_delta(noisy, "sign2d", 1, k=2, act_sq=act)
     assert fields["salient_idx"].tolist() == [5, 60]
     assert torch.equal(decode_delta(fields, meta)[:, [5, 60]], noisy[:, [5, 60]].half().float())
+
+
+def test_changed_tied_embeddings_are_stored_once_as_dense(pair, smollm_tokenizer, calib):
+    base, _ = pair
+    expert = copy.deepcopy(base)
+    with torch.no_grad():
+        expert.model.embed_tokens.weight.add_(1e-3)  # tied to lm_head: one tensor, two names
+    layers, meta, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                                        _small(method="rtn", bits=2))
+    assert meta["model.embed_tokens.weight"]["method"] == "dense" and "lm_head.weight" not in meta
+    merged = apply_delta(copy.deepcopy(base), layers, meta)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    assert torch.allclose(merged(ids).logits, expert(ids).logits, atol=1e-3)

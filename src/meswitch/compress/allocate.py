@@ -100,6 +100,3 @@ def describe(choice: dict[str, Encoded]) -> dict[str, int]:
     for _, meta in choice.values():
         counts[meta["rung"]] = counts.get(meta["rung"], 0) + 1
     return counts
-
-
-

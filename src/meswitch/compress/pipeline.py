@@ -111,9 +111,11 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
                                                     cfg.symmetric, cfg.clip)
     linear_weights = {f"{n}.weight" for n in names}
     unchanged = []
+    stored: set[int] = set()  # tied tensors (embeddings = lm_head) appear under two names: store once
     for pname, t in e_state.items():
-        if pname in linear_weights:
+        if pname in linear_weights or t.data_ptr() in stored:
             continue
+        stored.add(t.data_ptr())
         d = t - b_state[pname]
         if torch.count_nonzero(d) == 0:
             unchanged.append(pname)
