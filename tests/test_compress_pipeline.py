@@ -136,7 +136,7 @@ def test_target_bits_budget_is_respected(pair, smollm_tokenizer, calib):
     assert 1.0 < info["bits_per_param"] <= 1.3
 
 
-def test_store_round_trip_and_size_accounting(ckpts, calib, tmp_path):
+def test_store_round_trip_and_size_accounting(ckpts, calib, tmp_path, pair):
     store_path = tmp_path / "store"
     res = compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, _small())
     store = DeltaStore.open(store_path)
@@ -150,6 +150,9 @@ def test_store_round_trip_and_size_accounting(ckpts, calib, tmp_path):
     s = summarize(store_path)
     assert s["experts"]["e1"]["bytes"] == (store_path / "experts" / "e1.safetensors").stat().st_size
     assert s["experts"]["e1"]["ratio_vs_fp16"] > 1
+    fp16_expert = 2 * sum(p.numel() for p in pair[0].parameters())  # tied weights counted once
+    assert s["footprint"]["fp16_experts_bytes"] == fp16_expert
+    assert s["footprint"]["store_bytes"] == fp16_expert + s["experts"]["e1"]["bytes"]
 
 
 def test_bad_inputs_are_specific(ckpts, calib, tmp_path, smollm_tokenizer):

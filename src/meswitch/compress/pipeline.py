@@ -175,7 +175,7 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
     for name in experts:
         check_name(name)  # fail before minutes of work, not after
     base, tok = load_checkpoint(base_dir)
-    store = DeltaStore.create(store_path, fingerprint_model(base), {**base_info(base)})
+    store = DeltaStore.create(store_path, fingerprint_model(base), base_info(base))
     store.set_extra("base_path", str(Path(base_dir).resolve()))
     results = {}
     for name, exp_dir in experts.items():

@@ -15,12 +15,13 @@ def summarize(path: Path) -> dict[str, Any]:
     ratio_vs_fp16: an fp16 copy of the whole expert against those bytes.
     """
     store = DeltaStore.open(path)
+    # an fp16 expert is as large as the fp16 base: same architecture, tied weights counted once
+    fp16 = 2 * int(store.base.get("num_parameters") or 0)
     experts: dict[str, Any] = {}
     for name in store.experts:
         entry = store.expert_meta(name)
         meta = entry["meta"]
         file_bytes = int(entry["bytes"])
-        fp16 = int(meta.get("fp16_expert_bytes", 0))
         experts[name] = {
             "method": meta.get("config", {}).get("method"),
             "bits": meta.get("config", {}).get("bits"),
@@ -31,15 +32,14 @@ def summarize(path: Path) -> dict[str, Any]:
             "layers": len(entry["layers"]),
         }
     n = len(experts)
-    fp16_expert = max((store.expert_meta(e)["meta"].get("fp16_expert_bytes", 0) for e in store.experts), default=0)
-    store_bytes = fp16_expert + sum(e["bytes"] for e in experts.values())  # the base itself, in fp16
+    store_bytes = fp16 + sum(e["bytes"] for e in experts.values())  # the base itself, in fp16
     return {
         "experts": experts,
         "base": store.base,
         "footprint": {
             "experts": n,
             "store_bytes": store_bytes,
-            "fp16_experts_bytes": n * fp16_expert,
-            "ratio": (n * fp16_expert / store_bytes) if store_bytes else None,
+            "fp16_experts_bytes": n * fp16,
+            "ratio": (n * fp16 / store_bytes) if store_bytes else None,
         },
     }
