@@ -1,0 +1,371 @@
+"""The multi-expert engine: one base model, many compressed experts, continuous batching.
+
+Each :meth:`Engine.step` admits waiting requests into free KV-cache slots (loading their experts
+if needed), runs one forward over the prompts being prefilled and the sequences being decoded,
+samples one token per sequence and returns the new text as :class:`StreamEvent` s. Requests join
+and leave between steps; a request that fails (its expert cannot be loaded, say) ends with
+``finish_reason="error"`` and the others in its batch go on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meswitch.engine.delta_linear import Resident
+from meswitch.engine.errors import (
+    ContextLengthError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    RoutingUnavailableError,
+)
+from meswitch.engine.experts import ExpertPool
+from meswitch.engine.model import SeqSlice, ServingModel, StepBatch
+from meswitch.engine.request import AUTO, ROLES, Completion, Request, Route, StreamEvent, Usage
+from meswitch.engine.sampling import sample
+from meswitch.store import DeltaStore
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and residency policy. ``max_context`` None: the model's, capped at 4096."""
+
+    max_batch: int = 16
+    max_context: int | None = None
+    max_waiting: int = 1024
+    max_resident_bytes: int | None = None
+    max_merged: int = 0
+    delta_cache: Resident = "dense"
+    verify: bool = True
+
+
+@dataclass(eq=False)
+class _Seq:
+    req: Request
+    prompt_ids: list[int]
+    expert: int  # -1: base
+    arrival: float
+    route: Route | None = None
+    out_ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    sent: int = 0  # characters of text already emitted
+    tok_sent: int = 0  # generated token ids already emitted
+    text: str = ""
+    first_token: float | None = None
+    generator: torch.Generator | None = None
+    acquired: bool = False
+
+    @property
+    def cached(self) -> int:
+        return len(self.prompt_ids) + len(self.out_ids) - 1 if self.out_ids else 0
+
+
+class Engine:
+    """Serve the experts of a :class:`DeltaStore` over one base model (module docstring)."""
+
+    def __init__(
+        self, store: DeltaStore, base: Any, tokenizer: Any, config: EngineConfig | None = None, router: Any = None,
+        check_base: bool = True,
+    ) -> None:
+        """``base``: the Hugging Face model the store's deltas were made against (checked by fingerprint)."""
+        self.config = config = config or EngineConfig()
+        if check_base:
+            from meswitch.store import fingerprint_model
+
+            DeltaStore.open(store.path, expect_fingerprint=fingerprint_model(base))
+        if config.max_batch < 1:
+            raise InvalidRequestError(f"max_batch must be >= 1, got {config.max_batch}")
+        self.store, self.tokenizer, self.router = store, tokenizer, router
+        self.model = ServingModel(base)
+        limit = min(int(getattr(base.config, "max_position_embeddings", 4096) or 4096), 4096)
+        self.max_context = config.max_context or limit
+        self.pool = ExpertPool(store, self.model, config.max_resident_bytes, config.max_merged,
+                               config.delta_cache, config.verify)
+        self.cache = self.model.new_cache(config.max_batch, self.max_context)
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._aborted: set[str] = set()
+        self._eos = _eos_ids(base, tokenizer)
+        self._max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16) or 16
+        self.counters = {"requests": 0, "finished": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
+                         "steps": 0}
+
+    @classmethod
+    def from_store(
+        cls, store: DeltaStore | str | os.PathLike, base: str | os.PathLike | None = None,
+        config: EngineConfig | None = None, router: Any = "auto",
+    ) -> Engine:
+        """Open ``store``, load its base (``base`` or the path recorded in the store) and check they match.
+
+        ``router="auto"`` loads the store's router if it has one (None: no routing).
+        """
+        from meswitch.model.checkpoint import load_checkpoint
+        from meswitch.store import fingerprint_model
+
+        if not isinstance(store, DeltaStore):
+            store = DeltaStore.open(store)
+        if base is None:
+            recorded = store.extra.get("base_path")
+            if not recorded:
+                raise InvalidRequestError(f"{store.path}: the store records no base model path; pass base=")
+            base = Path(recorded)
+        model, tokenizer = load_checkpoint(Path(base))
+        fingerprint = fingerprint_model(model)
+        if config is None or config.verify:
+            store.verify(expect_fingerprint=fingerprint)  # also every expert file's size and hash
+        else:
+            DeltaStore.open(store.path, expect_fingerprint=fingerprint)
+        if router == "auto":
+            router = _load_router(store)
+        return cls(store, model, tokenizer, config, router, check_base=False)
+
+    # ---- API -----------------------------------------------------------------------------------
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self.pool.names)
+
+    def add_request(self, request: Request) -> str:
+        """Validate and queue ``request``; returns its id. Raises a specific error if it is bad."""
+        if len(self._waiting) >= self.config.max_waiting:
+            raise EngineOverloadedError(f"{len(self._waiting)} requests are waiting (max_waiting={self.config.max_waiting})")
+        seq = self._prepare(request)
+        self._waiting.append(seq)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(seq.prompt_ids)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a waiting or running request; it ends with ``finish_reason="cancelled"`` at the next step."""
+        self._aborted.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def generate(self, requests: Sequence[Request] | Request) -> list[Completion]:
+        """Run ``requests`` to completion together; completions in the order given."""
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
+        for r in reqs:
+            self.add_request(r)
+        want = {r.request_id for r in reqs}
+        done: dict[str, Completion] = {}
+        while want - done.keys():
+            for ev in self.step():
+                if ev.completion is not None and ev.request_id in want:
+                    done[ev.request_id] = ev.completion
+        return [done[r.request_id] for r in reqs]
+
+    def stream(self, request: Request) -> Iterator[StreamEvent]:
+        """Yield ``request``'s events as they are produced (other queued requests advance too)."""
+        rid = self.add_request(request)
+        while True:
+            for ev in self.step():
+                if ev.request_id == rid:
+                    yield ev
+                    if ev.finished:
+                        return
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, queue depths and expert residency (JSON-able)."""
+        return {**self.counters, "waiting": len(self._waiting), "running": len(self._running),
+                "experts": self.pool.snapshot()}
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def step(self) -> list[StreamEvent]:
+        """Admit, run one forward, sample, and return the new output of every request that has some."""
+        events = self._reap_aborted()
+        events += self._admit()
+        if not self._running:
+            return events
+        step = list(self._running)
+        slices = []
+        ids: list[int] = []
+        for s in step:
+            if s.out_ids:
+                slices.append(SeqSlice(s.slot, s.cached, 1, s.expert))
+                ids.append(s.out_ids[-1])
+            else:
+                slices.append(SeqSlice(s.slot, 0, len(s.prompt_ids), s.expert))
+                ids.extend(s.prompt_ids)
+        self.cache.reserve(max(sl.start + sl.n for sl in slices) + 1)
+        device = self.model.device
+        batch = StepBatch.build(slices, device)
+        logits = self.model(torch.tensor(ids, device=device), batch, self.cache)  # [S, V]
+        tokens = sample(logits, [s.req.params for s in step], [s.generator for s in step]).tolist()
+        self.counters["steps"] += 1
+        now = time.perf_counter()
+        for s, tok in zip(step, tokens, strict=True):
+            if s.first_token is None:
+                s.first_token = now
+            s.out_ids.append(tok)
+            self.counters["generated_tokens"] += 1
+            events.append(self._advance(s, tok))
+        return [e for e in events if e is not None]
+
+    def _advance(self, s: _Seq, tok: int) -> StreamEvent | None:
+        p = s.req.params
+        reason = None
+        if tok in self._eos and not p.ignore_eos:
+            s.out_ids.pop()
+            reason = "stop"
+        text = self.tokenizer.decode(s.out_ids, skip_special_tokens=True)
+        hit = _find_stop(text, p.stop, max(0, s.sent - max((len(x) for x in p.stop), default=0)))
+        if hit is not None:
+            text, reason = text[:hit], "stop"
+        elif reason is None and (len(s.out_ids) >= p.max_tokens or s.cached + 1 >= self.max_context):
+            reason = "length"
+        s.text = text
+        if reason is not None:
+            return self._finish(s, reason)
+        hold = max((len(x) for x in p.stop), default=1) - 1
+        safe = len(text) - hold
+        while safe > s.sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for more
+            safe -= 1
+        if safe <= s.sent:
+            return None
+        delta, s.sent = text[s.sent : safe], safe
+        toks, s.tok_sent = s.out_ids[s.tok_sent :], len(s.out_ids)
+        return StreamEvent(s.req.request_id, delta, toks)
+
+    def _finish(self, s: _Seq, reason: str, error: str | None = None) -> StreamEvent:
+        if s in self._running:
+            self._running.remove(s)
+        if s.slot >= 0:
+            self.cache.free(s.slot)
+            s.slot = -1
+        if s.acquired:
+            self.pool.release(s.expert)
+            s.acquired = False
+        now = time.perf_counter()
+        comp = Completion(
+            request_id=s.req.request_id, text=s.text, token_ids=list(s.out_ids), finish_reason=reason,
+            expert=None if s.expert < 0 else self.pool.names[s.expert],
+            usage=Usage(len(s.prompt_ids), len(s.out_ids)), route=s.route, error=error,
+            ttft_s=None if s.first_token is None else s.first_token - s.arrival, latency_s=now - s.arrival,
+        )
+        self.counters["finished"] += 1
+        self.counters["errors"] += reason == "error"
+        delta, s.sent = s.text[s.sent :], len(s.text)
+        toks, s.tok_sent = s.out_ids[s.tok_sent :], len(s.out_ids)
+        return StreamEvent(s.req.request_id, delta, toks, comp)
+
+    def _reap_aborted(self) -> list[StreamEvent]:
+        if not self._aborted:
+            return []
+        events = []
+        for s in [*self._waiting, *self._running]:
+            if s.req.request_id in self._aborted:
+                if s in self._waiting:
+                    self._waiting.remove(s)
+                events.append(self._finish(s, "cancelled"))
+        self._aborted.clear()
+        return events
+
+    def _admit(self) -> list[StreamEvent]:
+        events = []
+        while self._waiting and self.cache.free_slots:
+            s = self._waiting[0]
+            if s.expert >= 0:
+                try:
+                    if not self.pool.acquire(s.expert):
+                        break  # the budget is full of busy experts: wait for one to finish
+                except Exception as exc:  # noqa: BLE001 - a broken expert fails its request, not the engine
+                    self._waiting.popleft()
+                    events.append(self._finish(s, "error", f"{type(exc).__name__}: {exc}"))
+                    continue
+                s.acquired = True
+            self._waiting.popleft()
+            s.slot = self.cache.allocate()
+            self._running.append(s)
+        return events
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def _prepare(self, r: Request) -> _Seq:
+        if not isinstance(r, Request):
+            raise InvalidRequestError(f"expected a Request, got {type(r).__name__}")
+        text, ids = self._tokenize(r)
+        p = r.params
+        if len(ids) + p.max_tokens > self.max_context:
+            raise ContextLengthError(len(ids), p.max_tokens, self.max_context)
+        route = None
+        name = r.expert
+        if name == AUTO:
+            if self.router is None:
+                raise RoutingUnavailableError("expert 'auto' needs a router: train one with `meswitch router train`")
+            d = self.router.route([text])[0]
+            route = Route(d.expert, d.domain, float(d.confidence), bool(d.fallback))
+            name = d.expert
+        idx = -1 if name is None else self.pool.lookup(name)
+        gen = None
+        if not p.greedy:
+            gen = torch.Generator().manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
+        return _Seq(r, ids, idx, time.perf_counter(), route=route, generator=gen)
+
+    def _tokenize(self, r: Request) -> tuple[str, list[int]]:
+        """(text the router sees, prompt token ids)."""
+        if (r.prompt is None) == (r.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages")
+        if r.prompt is not None:
+            if not isinstance(r.prompt, str) or not r.prompt:
+                raise InvalidRequestError("prompt must be a non-empty string")
+            self._check_chars(len(r.prompt))
+            ids = list(self.tokenizer(r.prompt)["input_ids"])
+            return r.prompt, ids
+        msgs = r.messages
+        if not isinstance(msgs, list) or not msgs:
+            raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': str}}")
+        if not any(m["content"] for m in msgs):
+            raise InvalidRequestError("every message is empty")
+        self._check_chars(sum(len(m["content"]) for m in msgs))
+        rendered = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        users = [m["content"] for m in msgs if m["role"] == "user"] or [msgs[-1]["content"]]
+        return users[-1], ids
+
+    def _check_chars(self, n: int) -> None:
+        # No token spans more than _max_token_chars characters: longer text cannot fit, skip tokenizing it.
+        if n > self.max_context * self._max_token_chars:
+            raise ContextLengthError(n // self._max_token_chars, 0, self.max_context)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None)
+        ids.update(e if isinstance(e, (list, tuple)) else [] if e is None else [e])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _find_stop(text: str, stops: Iterable[str], start: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None
+
+
+def _load_router(store: DeltaStore) -> Any:
+    try:
+        from meswitch.router import load_router
+    except ImportError:
+        return None
+    return load_router(store)

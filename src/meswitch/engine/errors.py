@@ -1,0 +1,49 @@
+"""Errors of the inference engine: each names the request, expert, value or limit it is about."""
+
+from __future__ import annotations
+
+from meswitch.errors import MeswitchError
+
+
+class EngineError(MeswitchError):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request the engine cannot serve as given (empty prompt, bad sampling parameters, ...)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus ``max_tokens`` do not fit the engine's context window."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, max_context: int):
+        self.prompt_tokens, self.max_tokens, self.max_context = prompt_tokens, max_tokens, max_context
+        super().__init__(
+            f"this engine's maximum context length is {max_context} tokens; the request has "
+            f"{prompt_tokens} prompt tokens and asks for up to {max_tokens} more"
+        )
+
+
+class UnknownModelError(InvalidRequestError, LookupError):
+    """A request names an expert that the store does not hold."""
+
+    def __init__(self, name: str, available: list[str]):
+        self.name, self.available = name, sorted(available)
+        listing = ", ".join(repr(n) for n in self.available) or "none"
+        super().__init__(f"no expert {name!r}; available: {listing}, 'auto' (routed) or None (the base)")
+
+
+class RoutingUnavailableError(InvalidRequestError):
+    """``expert="auto"`` on an engine without a router."""
+
+
+class UnsupportedModelError(EngineError):
+    """The base model's architecture, or a stored delta, is not one the engine can run."""
+
+
+class BudgetError(EngineError):
+    """A memory budget that cannot hold what it must (e.g. smaller than one expert)."""
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; try again later."""

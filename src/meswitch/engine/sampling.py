@@ -1,0 +1,89 @@
+"""Sampling parameters and the pure function that picks next tokens from logits.
+
+Shapes: ``S`` sequences in a decode step, ``V`` vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from meswitch.engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings, with the OpenAI/vLLM meaning.
+
+    ``temperature == 0`` is greedy decoding; ``top_p`` keeps the smallest set of tokens whose
+    probability reaches it; ``stop`` strings end generation and are not returned; ``seed`` makes
+    sampling reproducible for this request alone, whatever else shares its batch.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidRequestError(f"stop must be non-empty strings, got {list(stop)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """``logits: [V]`` -> ``[V]`` with every token outside the top-``p`` nucleus set to ``-inf``.
+
+    The nucleus is the smallest set of most likely tokens whose probabilities sum to at least ``p``
+    (the most likely token is always kept).
+    """
+    if top_p >= 1:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+    drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # mass before this token already reaches p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+def sample(
+    logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> Tensor:
+    """Next token per sequence: ``logits: [S, V]`` (float) -> ``int64 [S]``.
+
+    Row ``i`` is ``argmax`` when ``params[i].temperature == 0``, else a draw from
+    ``softmax(top_p_filter(logits[i] / temperature))`` with ``generators[i]``.
+    """
+    if logits.dim() != 2 or not logits.shape[0] == len(params) == len(generators):
+        raise ValueError(f"logits must be [S={len(params)}, V], got shape {tuple(logits.shape)}")
+    out = logits.argmax(-1)
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = top_p_filter(logits[i].float() / p.temperature, p.top_p)
+        probs = torch.softmax(row, -1)
+        out[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).to(out.device)[0]
+    return out

@@ -1,0 +1,312 @@
+"""The multi-expert engine against Hugging Face transformers: logits, greedy tokens, batching, residency."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from meswitch.compress.apply import apply_delta
+from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
+from meswitch.engine.errors import (
+    BudgetError,
+    ContextLengthError,
+    InvalidRequestError,
+    RoutingUnavailableError,
+    UnknownModelError,
+)
+from meswitch.engine.model import SeqSlice, StepBatch
+from meswitch.store import DeltaStore
+from meswitch.store.errors import BaseMismatchError
+from tests.engine_helpers import expert_layers, make_store, perturbed, tiny_base
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+PROMPTS = ["Hello there, how are", "def add(a, b):", "What is 7 times 6?", "The weather today"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = tiny_base()
+    return base, {"a": perturbed(base, 1), "b": perturbed(base, 2), "c": perturbed(base, 3, norms=False)}
+
+
+@pytest.fixture(scope="module")
+def lossless(models, tmp_path_factory):
+    base, experts = models
+    return make_store(tmp_path_factory.mktemp("lossless") / "store", base, experts)
+
+
+@pytest.fixture(scope="module")
+def quantized(models, tmp_path_factory):
+    base, experts = models
+    return make_store(tmp_path_factory.mktemp("quant") / "store", base, experts, method="salient", bits=2, k=8)
+
+
+def _engine(store, base, tok, **kw) -> Engine:
+    return Engine(store, copy.deepcopy(base), tok, EngineConfig(**kw))
+
+
+def _teacher_forced_logits(engine: Engine, seqs: dict[str, list[int]], prefill: int) -> dict[str, torch.Tensor]:
+    """Run every sequence in one batch: prefill ``prefill`` tokens, then decode the rest one token per step.
+
+    Returns ``{expert: [len - prefill + 1, V]}``: the logits after each step (a mixed batch every step).
+    """
+    names = list(seqs)
+    idx = {n: (-1 if n == "base" else engine.pool.lookup(n)) for n in names}
+    for n in names:
+        if idx[n] >= 0:
+            engine.pool.acquire(idx[n])
+    cache = engine.model.new_cache(len(names), 64)
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    first = [SeqSlice(i, 0, prefill, idx[n]) for i, n in enumerate(names)]
+    ids = torch.tensor([t for n in names for t in seqs[n][:prefill]])
+    logits = engine.model(ids, StepBatch.build(first), cache)
+    for i, n in enumerate(names):
+        out[n].append(logits[i])
+    for pos in range(prefill, len(next(iter(seqs.values())))):
+        step = [SeqSlice(i, pos, 1, idx[n]) for i, n in enumerate(names)]
+        logits = engine.model(torch.tensor([seqs[n][pos] for n in names]), StepBatch.build(step), cache)
+        for i, n in enumerate(names):
+            out[n].append(logits[i])
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def _hf_logits(model, ids: list[int], prefill: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, prefill - 1 :]
+
+
+def test_lossless_deltas_reproduce_each_expert_in_a_mixed_batch(models, lossless, smollm_tokenizer):
+    base, experts = models
+    eng = _engine(lossless, base, smollm_tokenizer)
+    g = torch.Generator().manual_seed(0)
+    seqs = {n: torch.randint(0, 49152, (12,), generator=g).tolist() for n in ["a", "base", "b", "c"]}
+    got = _teacher_forced_logits(eng, seqs, prefill=5)
+    for name, ids in seqs.items():
+        want = _hf_logits(base if name == "base" else experts[name], ids, 5)
+        torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0, msg=f"expert {name}")
+
+
+def test_quantized_deltas_match_transformers_model_with_dequantized_weights(models, quantized, smollm_tokenizer):
+    base, experts = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    g = torch.Generator().manual_seed(1)
+    seqs = {n: torch.randint(0, 49152, (10,), generator=g).tolist() for n in ["b", "a"]}
+    got = _teacher_forced_logits(eng, seqs, prefill=4)
+    for name, ids in seqs.items():
+        layers, entry = quantized.load_expert(name)
+        merged = apply_delta(copy.deepcopy(base), layers, entry["layers"])
+        torch.testing.assert_close(got[name], _hf_logits(merged, ids, 4), atol=1e-4, rtol=0)
+        # and the quantized expert is not simply the fine-tune itself
+        assert (got[name] - _hf_logits(experts[name], ids, 4)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_merged": 2}, {"delta_cache": None}, {"max_batch": 2}])
+def test_mixed_batch_greedy_equals_each_request_alone(models, quantized, smollm_tokenizer, kw):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer, **kw)
+    experts = ["a", None, "b", "a", "c"]
+    lengths = [8, 3, 6, 1, 5]  # sequences leave the batch at different steps
+    reqs = [Request(prompt=PROMPTS[i % 4], expert=e, params=SamplingParams(max_tokens=n, temperature=0,
+                                                                           ignore_eos=True))
+            for i, (e, n) in enumerate(zip(experts, lengths, strict=True))]
+    together = eng.generate(reqs)
+    alone_engine = _engine(quantized, base, smollm_tokenizer)
+    for r, got in zip(reqs, together, strict=True):
+        alone = alone_engine.generate([Request(prompt=r.prompt, expert=r.expert, params=r.params)])[0]
+        assert got.token_ids == alone.token_ids, r.expert
+        assert got.finish_reason == "length" and len(got.token_ids) == r.params.max_tokens
+    # experts really change the output
+    assert len({tuple(c.token_ids) for c in together[:3]}) == 3
+
+
+def test_requests_join_and_leave_between_steps(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    first = Request(prompt=PROMPTS[0], expert="a", params=GREEDY)
+    late = Request(prompt=PROMPTS[1], expert="b", params=SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    eng.add_request(first)
+    events = eng.step() + eng.step()
+    assert eng.num_running == 1
+    eng.add_request(late)
+    done = {}
+    while eng.has_unfinished():
+        for ev in eng.step():
+            events.append(ev)
+            if ev.completion:
+                done[ev.request_id] = ev.completion
+    alone = _engine(quantized, base, smollm_tokenizer)
+    for r in (first, late):
+        assert done[r.request_id].token_ids == alone.generate([Request(prompt=r.prompt, expert=r.expert,
+                                                                       params=r.params)])[0].token_ids
+    streamed = "".join(e.text for e in events if e.request_id == first.request_id)
+    assert streamed == done[first.request_id].text
+
+
+def test_stream_concatenates_to_the_completion(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    events = list(eng.stream(Request(prompt=PROMPTS[2], expert="c", params=params)))
+    assert events[-1].finished and all(not e.finished for e in events[:-1])
+    comp = events[-1].completion
+    assert "".join(e.text for e in events) == comp.text
+    assert [t for e in events for t in e.token_ids] == comp.token_ids
+    assert comp.usage.completion_tokens == 12 and comp.usage.prompt_tokens > 0
+    assert comp.text == smollm_tokenizer.decode(comp.token_ids, skip_special_tokens=True)
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    alone = eng.generate([Request(prompt=PROMPTS[0], expert="a", params=p)])[0]
+    noise = [Request(prompt=PROMPTS[i], expert="b", params=SamplingParams(max_tokens=10, seed=i)) for i in range(3)]
+    mixed = eng.generate([*noise, Request(prompt=PROMPTS[0], expert="a", params=p)])[-1]
+    assert mixed.token_ids == alone.token_ids
+    other = eng.generate([Request(prompt=PROMPTS[0], expert="a", params=SamplingParams(max_tokens=10, seed=8,
+                                                                                      ignore_eos=True))])[0]
+    assert other.token_ids != alone.token_ids
+    tiny_p = SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6, seed=3, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert (eng.generate(Request(prompt=PROMPTS[1], expert="b", params=tiny_p))[0].token_ids
+            == eng.generate(Request(prompt=PROMPTS[1], expert="b", params=greedy))[0].token_ids)
+
+
+def test_stop_strings_end_generation_and_are_not_returned(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    full = eng.generate(Request(prompt=PROMPTS[3], expert="a", params=SamplingParams(max_tokens=12, temperature=0,
+                                                                                     ignore_eos=True)))[0]
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = eng.generate(Request(prompt=PROMPTS[3], expert="a",
+                               params=SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_chat_messages_use_the_chat_template(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    msgs = [{"role": "user", "content": "Say something."}]
+    comp = eng.generate(Request(messages=msgs, expert="b", params=GREEDY))[0]
+    rendered = smollm_tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert comp.usage.prompt_tokens == len(smollm_tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    same = eng.generate(Request(prompt=rendered, expert="b", params=GREEDY))[0]
+    assert same.token_ids == comp.token_ids
+
+
+def test_residency_budget_evicts_least_recently_used_and_measures_loads(models, quantized, smollm_tokenizer):
+    base, _ = models
+    one = max(quantized.total_bytes(n) for n in quantized.experts)
+    with pytest.raises(BudgetError, match="smaller than one expert"):
+        _engine(quantized, base, smollm_tokenizer, max_resident_bytes=one - 1)
+    probe = _engine(quantized, base, smollm_tokenizer, delta_cache=None)  # packed deltas only, no dense cache
+    probe.pool.pin("a")
+    held = probe.pool.resident_bytes()  # in memory: a little more than on disk (float32 salient columns)
+    assert one <= held < 2 * one
+    eng = _engine(quantized, base, smollm_tokenizer, max_resident_bytes=int(2.5 * held), delta_cache=None)
+    reference = _engine(quantized, base, smollm_tokenizer)
+    for name in ["a", "b", "c", "a"]:
+        r = Request(prompt=PROMPTS[0], expert=name, params=GREEDY)
+        assert eng.generate(r)[0].token_ids == reference.generate(r)[0].token_ids
+    snap = eng.pool.snapshot()
+    assert snap["resident"] == ["c", "a"]  # least recently used first
+    assert snap["experts"]["a"]["loads"] == 2 and snap["experts"]["a"]["evictions"] == 1
+    assert snap["experts"]["b"]["evictions"] == 1
+    assert all(ms > 0 for ms in snap["experts"]["a"]["load_ms"])
+    eng.pool.pin("b")  # evicts c (LRU) to make room
+    eng.generate(Request(prompt=PROMPTS[0], expert="c", params=GREEDY))  # evicts a, not the pinned b
+    assert sorted(eng.pool.resident()) == ["b", "c"]
+    assert eng.pool.resident_bytes() <= int(2.5 * held)
+
+
+def test_a_batch_waits_while_the_budget_is_full_of_busy_experts(models, quantized, smollm_tokenizer):
+    base, _ = models
+    one = max(quantized.total_bytes(n) for n in quantized.experts)
+    eng = _engine(quantized, base, smollm_tokenizer, max_resident_bytes=int(1.5 * one), delta_cache=None)
+    reqs = [Request(prompt=PROMPTS[i], expert=e, params=GREEDY) for i, e in enumerate(["a", "b", "a"])]
+    outs = eng.generate(reqs)
+    ref = _engine(quantized, base, smollm_tokenizer)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in ref.generate(reqs)]
+
+
+def test_bad_requests_get_specific_errors(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer, max_context=64)
+    with pytest.raises(UnknownModelError, match="no expert 'nope'"):
+        eng.add_request(Request(prompt="x", expert="nope"))
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        eng.add_request(Request(prompt=""))
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        eng.add_request(Request())
+    with pytest.raises(InvalidRequestError, match="messages"):
+        eng.add_request(Request(messages=[{"role": "robot", "content": "hi"}]))
+    with pytest.raises(ContextLengthError, match="maximum context length is 64"):
+        eng.add_request(Request(prompt="word " * 100))
+    with pytest.raises(ContextLengthError):
+        eng.add_request(Request(prompt="x" * 10_000_000))  # refused without tokenizing 10 MB
+    with pytest.raises(ContextLengthError):
+        eng.add_request(Request(prompt="hi", params=SamplingParams(max_tokens=64)))
+    with pytest.raises(RoutingUnavailableError):
+        eng.add_request(Request(prompt="hi", expert="auto"))
+    for bad in [{"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -1}, {"top_p": 0},
+                {"top_p": float("nan")}, {"stop": [""]}, {"seed": "x"}]:
+        with pytest.raises(InvalidRequestError):
+            SamplingParams(**bad)
+    assert not eng.has_unfinished()
+
+
+def test_a_broken_expert_fails_its_request_only(models, quantized, tmp_path, smollm_tokenizer):
+    base, experts = models
+    store = make_store(tmp_path / "s", base, experts, method="salient", bits=2, k=8)
+    eng = _engine(store, base, smollm_tokenizer)
+    path = store.path / store.expert_meta("b")["file"]
+    path.write_bytes(path.read_bytes()[:-100])  # truncated on disk after the engine started
+    reqs = [Request(prompt=PROMPTS[i], expert=e, params=GREEDY) for i, e in enumerate(["a", "b", None])]
+    outs = eng.generate(reqs)
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert "CorruptStoreError" in outs[1].error and outs[1].token_ids == []
+    assert eng.stats()["errors"] == 1
+
+
+def test_abort_cancels_a_running_request(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    r = Request(prompt=PROMPTS[0], expert="a", params=SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    keep = Request(prompt=PROMPTS[1], expert="b", params=GREEDY)
+    eng.add_request(r)
+    eng.add_request(keep)
+    eng.step()
+    eng.abort(r.request_id)
+    done = {}
+    while eng.has_unfinished():
+        done.update({e.request_id: e.completion for e in eng.step() if e.completion})
+    assert done[r.request_id].finish_reason == "cancelled" and len(done[r.request_id].token_ids) < 50
+    assert done[keep.request_id].finish_reason == "length"
+    assert eng.cache.free_slots == eng.config.max_batch
+
+
+def test_store_of_another_base_is_refused(quantized, smollm_tokenizer):
+    with pytest.raises(BaseMismatchError, match="another base model"):
+        Engine(quantized, tiny_base(seed=9), smollm_tokenizer)
+
+
+def test_unsupported_delta_names_fail_at_load(models, tmp_path, smollm_tokenizer):
+    base, experts = models
+    layers, meta = expert_layers(base, experts["a"])
+    layers["model.rotary.inv_freq"] = {"delta": torch.zeros(4)}
+    meta["model.rotary.inv_freq"] = {"method": "dense", "bits": 32, "shape": [4], "salient": 0}
+    store = DeltaStore.create(tmp_path / "s", *_fp(base))
+    store.add_expert("odd", layers, meta, {})
+    eng = _engine(store, base, smollm_tokenizer)
+    out = eng.generate(Request(prompt="hi", expert="odd", params=GREEDY))[0]
+    assert out.finish_reason == "error" and "inv_freq" in out.error
+
+
+def _fp(model):
+    from meswitch.store import base_info, fingerprint_model
+
+    return fingerprint_model(model), base_info(model)
