@@ -228,6 +228,7 @@ OK_CHAT = {"model": "math", "messages": CHAT, "max_tokens": 2}
 @pytest.mark.parametrize(("path", "body", "status", "code", "param"), [
     ("/v1/chat/completions", b'{"model": "math", "messages": [', 400, "invalid_json", None),
     ("/v1/chat/completions", b"not json at all", 400, "invalid_json", None),
+    ("/v1/chat/completions", b"\xd2\xea\x94\x1b", 400, "invalid_json", None),
     ("/v1/chat/completions", {**OK_CHAT, "messages": "hello"}, 400, "invalid_type", "messages"),
     ("/v1/chat/completions", {**OK_CHAT, "max_tokens": "many"}, 400, "invalid_type", "max_tokens"),
     ("/v1/chat/completions", {**OK_CHAT, "temperature": [1]}, 400, "invalid_type", "temperature"),

@@ -5,7 +5,7 @@
 ``metrics`` (Prometheus text), ``app`` (:func:`create_app`, :func:`serve`). Needs the ``serve`` extra.
 """
 
-from meswitch.server.app import create_app, serve
+from meswitch.server.app import ThreadedServer, create_app, serve
 from meswitch.server.config import ServerConfig
 
-__all__ = ["ServerConfig", "create_app", "serve"]
+__all__ = ["ServerConfig", "ThreadedServer", "create_app", "serve"]

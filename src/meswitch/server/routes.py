@@ -73,7 +73,8 @@ def build_app(serving: OpenAIServing, config: ServerConfig,
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        # FastAPI raises a bare 400 for a body it cannot decode at all (e.g. bytes that are not UTF-8)
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
 
     @app.exception_handler(Exception)

@@ -1,0 +1,59 @@
+"""``meswitch serve STORE``: the OpenAI-compatible HTTP server (needs the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a store's experts over an OpenAI-compatible HTTP API")
+    p.add_argument("store", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $MESWITCH_API_KEY)")
+    p.add_argument("--base", type=Path, help="base checkpoint (default: the path recorded in the store)")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests in flight (running + waiting) before 429 (default 64)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's, "
+                                                   "at most 4096)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="413 above this (default 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="408 if a body takes longer (seconds)")
+    p.add_argument("--max-resident-bytes", type=int, help="memory budget for expert deltas (default: no limit)")
+    p.add_argument("--no-router", action="store_true", help="serve without routing even if the store has a router")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def engine_config(args: argparse.Namespace):
+    from meswitch.engine import EngineConfig
+
+    return EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
+                        max_waiting=max(args.max_concurrency, 1), max_resident_bytes=args.max_resident_bytes)
+
+
+def server_config(args: argparse.Namespace):
+    from meswitch.server.config import ServerConfig, api_key_from_env
+
+    return ServerConfig(api_key=api_key_from_env(args.api_key), max_tokens=args.max_tokens,
+                        max_pending=args.max_concurrency, max_body_bytes=args.max_body_bytes,
+                        body_timeout_s=args.body_timeout)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from meswitch.engine import Engine
+    from meswitch.server import create_app
+
+    config = server_config(args)
+    engine = Engine.from_store(args.store, base=args.base, config=engine_config(args),
+                               router=None if args.no_router else "auto")
+    routed = "routing 'auto'" if engine.router is not None else "no router: 'auto' is unavailable"
+    auth = "API key required" if config.api_key else "no API key"
+    print(f"meswitch: serving {', '.join(engine.experts)} ({routed}; {auth}) on http://{args.host}:{args.port}/v1",
+          flush=True)
+    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
