@@ -35,14 +35,21 @@ from meswitch.store import DeltaStore
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Limits and residency policy. ``max_context`` None: the model's, capped at 4096."""
+    """Limits and residency policy.
+
+    ``max_context`` None: the model's, capped at 4096. ``max_resident_bytes``: budget for experts'
+    deltas in memory (None: unlimited); others are loaded from the store on demand, least recently
+    used out first. ``max_merged``: hot experts that also keep merged ``W_base + delta`` weights
+    (a full copy of the linear weights each; fastest on CPU, see docs/engine.md). ``delta_cache``:
+    what other experts keep beside the packed codes (None, ``"codes"`` or ``"dense"``).
+    """
 
     max_batch: int = 16
     max_context: int | None = None
     max_waiting: int = 1024
     max_resident_bytes: int | None = None
-    max_merged: int = 0
-    delta_cache: Resident = "dense"
+    max_merged: int = 3
+    delta_cache: Resident = None
     verify: bool = True
 
 
@@ -193,7 +200,8 @@ class Engine:
         events += self._admit()
         if not self._running:
             return events
-        step = list(self._running)
+        # Sequences grouped by expert: every layer's segments are then contiguous, no gather/scatter.
+        step = sorted(self._running, key=lambda q: q.expert)
         slices = []
         ids: list[int] = []
         for s in step:

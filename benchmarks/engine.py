@@ -1,0 +1,270 @@
+"""Engine decode throughput, memory and expert load time on the full zoo's store, as ratios to the base.
+
+Cases (decode tokens/s, prefill excluded, batch sizes 1, 8, 16, every case in this one process):
+  (a) base      the base model alone
+  (b) one       one expert
+  (c) mixed3    the 3 zoo experts, requests round-robin
+  (d) mixed16   16 experts (the 3 zoo experts stored under 16 names, each loaded separately)
+  (e) swap      what users do today: one transformers model per expert, loaded from disk whenever
+                a request needs another expert (32 new tokens per request)
+under residency policies: ``merged`` (the default: up to 3 hot experts keep merged weights, the
+rest packed codes) and ``dense`` (every resident expert keeps its dequantized delta). Also resident
+memory for 1, 3 and 16 experts against as many full models, the time to bring an expert in from
+disk, and per case the bytes of weights read and FLOPs per decode step, the limit they imply on
+this machine (bandwidth and GFLOPS measured here) and the achieved fraction of it.
+
+    python benchmarks/engine.py [--store DIR] [--steps 16] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine, results_dir  # noqa: E402
+
+BATCHES = (1, 8, 16)
+PROMPT = "Write a short story about a cat named Tom who learns to cook."
+POLICIES = {"merged": {"max_merged": 3, "delta_cache": None}, "dense": {"max_merged": 0, "delta_cache": "dense"}}
+
+
+def many_experts_store(src, n: int, root: Path):
+    """A store holding ``n`` experts: ``src``'s experts round-robin under new names (cached at ``root``)."""
+    from meswitch.store import DeltaStore
+    from meswitch.store.manifest import RESERVED_LAYER_KEYS
+
+    names = src.experts
+    want = [f"{names[i % len(names)]}-{i}" for i in range(n)]
+    store = DeltaStore.create(root, src.base["fingerprint"], {k: v for k, v in src.base.items() if k != "fingerprint"})
+    store.set_extra("base_path", src.extra["base_path"])
+    for i, name in enumerate(want):
+        if name not in store.experts:
+            layers, entry = src.load_expert(names[i % len(names)])
+            meta = {lay: {k: v for k, v in m.items() if k not in RESERVED_LAYER_KEYS} for lay, m in entry["layers"].items()}
+            store.add_expert(name, layers, meta, entry["meta"])
+    return store, want
+
+
+def decode_rate(engine, experts: list, batch: int, steps: int) -> float:
+    """Decode tokens/s of ``batch`` requests (expert ``experts[i % len]``), first (prefill) step excluded."""
+    from meswitch.engine import Request, SamplingParams
+
+    p = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(Request(prompt=PROMPT, expert=experts[i % len(experts)], params=p))
+    engine.step()  # admission, expert loads and prefill
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def machine_limits(model) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) of fp32 ``x @ W^T`` over every linear weight of ``model``, at batch 1 and 16."""
+    import torch
+
+    ws = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(w.numel() * 4 for w in ws)
+    flops = sum(2 * w.numel() for w in ws)
+    out = []
+    for b in (1, 16):
+        xs = {w.shape[1]: torch.randn(b, w.shape[1]) for w in ws}
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for w in ws:
+                xs[w.shape[1]] @ w.T
+            dt = time.perf_counter() - t0
+        out.append(dt)
+    return nbytes / out[0], flops * 16 / out[1]
+
+
+def swap_baseline(zoo_experts: dict[str, Path], tokenizer, requests: int, new_tokens: int) -> dict:
+    """One transformers model per expert, loaded from disk for each request that needs another expert."""
+    from meswitch.model.checkpoint import load_checkpoint
+
+    names = list(zoo_experts)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    t0, loads = time.perf_counter(), []
+    for i in range(requests):
+        tl = time.perf_counter()
+        model, _ = load_checkpoint(zoo_experts[names[i % len(names)]])
+        loads.append(time.perf_counter() - tl)
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        del model
+    total = time.perf_counter() - t0
+    return {"tokens_per_s": requests * new_tokens / total, "load_s_mean": sum(loads) / len(loads)}
+
+
+def engine_traffic(engine, names: list[str], requests: int, new_tokens: int, together: bool) -> float:
+    """Tokens/s for ``requests`` chat requests, each for the next expert, submitted at once or one by one."""
+    from meswitch.engine import Request, SamplingParams
+
+    p = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    reqs = [Request(messages=[{"role": "user", "content": PROMPT}], expert=names[i % len(names)], params=p)
+            for i in range(requests)]
+    t0 = time.perf_counter()
+    if together:
+        engine.generate(reqs)
+    else:
+        for r in reqs:
+            engine.generate(r)
+    return requests * new_tokens / (time.perf_counter() - t0)
+
+
+def step_cost(case: str, batch: int, policy: str, p_lin: int, p_head: int, delta_bytes: float, n_exp: int,
+              merged_cap: int) -> tuple[float, float]:
+    """(weight bytes read, FLOPs) of one decode step, fp32 weights: analytic, from the path each segment takes."""
+    segs = 0 if case == "base" else min(batch, 1 if case == "one" else n_exp)
+    base_bytes, flops = 4 * (p_lin + p_head), 2 * (p_lin + p_head) * batch
+    if segs == 0:
+        return base_bytes, flops
+    if policy == "merged":
+        merged = min(segs, merged_cap)
+        bytes_ = 4 * p_head + 4 * p_lin * merged + (4 * p_lin + delta_bytes * (segs - merged) if segs > merged else 0)
+        flops += 2 * p_lin * batch * (segs - merged) / segs if segs > merged else 0
+        return bytes_, flops
+    return base_bytes + 4 * p_lin * segs, flops + 2 * p_lin * batch  # dense delta per expert, read once
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, default=Path.home() / ".cache/meswitch/stores/full")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--swap-requests", type=int, default=6)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from meswitch.engine import Engine, EngineConfig
+    from meswitch.model.checkpoint import load_checkpoint
+    from meswitch.paths import cache_root
+    from meswitch.store import DeltaStore
+
+    torch.set_num_threads(args.threads)
+    src = DeltaStore.open(args.store)
+    store16, names16 = many_experts_store(src, 16, cache_root() / "stores" / "bench16")
+    base, tok = load_checkpoint(Path(src.extra["base_path"]))
+    p_all = sum(p.numel() for p in base.parameters())
+    p_head = base.lm_head.weight.numel()
+    p_lin = sum(m.weight.numel() for n, m in base.named_modules()
+                if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    bw, gflops = machine_limits(base)
+    names3 = src.experts
+    delta_bytes = sum(src.total_bytes(n) for n in names3) / len(names3)
+
+    results: dict = {"machine": machine(), "threads": args.threads, "steps": args.steps,
+                     "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9, "tokens_per_s": {}, "limits": {},
+                     "memory_bytes": {}, "load_ms": {}}
+    cases = {"base": [None], "one": [names3[0]], "mixed3": names3, "mixed16": names16}
+    for policy, kw in POLICIES.items():
+        engine = Engine(store16, base, tok, EngineConfig(max_batch=16, **kw), check_base=False)
+        for case, experts in cases.items():
+            for b in BATCHES:
+                decode_rate(engine, experts, b, 2)  # warm-up: loads and merges happen here, not in the timing
+                rate = decode_rate(engine, experts, b, args.steps)
+                results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
+                nb, fl = step_cost(case if case != "mixed16" else "mixed", b, policy, p_lin, p_head, delta_bytes,
+                                   len(experts), kw["max_merged"])
+                limit = b / max(nb / bw, fl / gflops)
+                results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {
+                    "bytes_read": nb, "flops": fl, "limit_tokens_per_s": limit, "achieved": rate / limit,
+                    "regime": "memory" if nb / bw > fl / gflops else "compute"}
+                print(f"[{policy}] {case:8s} batch {b:2d}: {rate:7.1f} tok/s", file=sys.stderr, flush=True)
+        snap = engine.pool.snapshot()
+        results["load_ms"][policy] = {n: s["load_ms"] for n, s in snap["experts"].items() if s["load_ms"]}
+        results["merge_ms"] = {n: s["merge_ms"] for n, s in snap["experts"].items() if s["merge_ms"]}
+        del engine
+
+    # resident memory: base weights + experts (compressed tier; the merged hot tier separately)
+    full = 4 * p_all
+    for n in (1, 3, 16):
+        eng = Engine(store16, base, tok, EngineConfig(max_batch=1, max_merged=0, delta_cache=None), check_base=False)
+        for name in names16[:n]:
+            eng.pool.pin(name)
+        results["memory_bytes"][str(n)] = {"engine": full + eng.pool.resident_bytes(), "full_models": n * full,
+                                           "experts_resident": eng.pool.resident_bytes()}
+        del eng
+
+    zoo_experts = {n: Path(src.expert_meta(n)["meta"]["reference_path"]) for n in names3}
+    if all(p.is_dir() for p in zoo_experts.values()):
+        results["swap"] = swap_baseline(zoo_experts, tok, args.swap_requests, 32)
+        eng = Engine(src, base, tok, EngineConfig(max_batch=16), check_base=False)
+        engine_traffic(eng, names3, 3, 2, together=True)  # warm-up loads and merges
+        results["traffic"] = {
+            "together": engine_traffic(eng, names3, args.swap_requests, 32, together=True),
+            "one_by_one": engine_traffic(eng, names3, args.swap_requests, 32, together=False),
+        }
+    report(results)
+    out = results_dir() / "engine.json"
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, results_dir() / "engine.png")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def report(r: dict) -> None:
+    print(f"# engine decode throughput ({r['machine']}, {r['threads']} threads; measured fp32 matmul over the "
+          f"base's weights: {r['bandwidth_gb_s']:.1f} GB/s at batch 1, {r['gflops']:.1f} GFLOPS at batch 16)\n")
+    for policy, cases in r["tokens_per_s"].items():
+        print(f"## policy `{policy}`: tokens/s (ratio to the base at the same batch; achieved fraction of the "
+              f"bytes/FLOPs limit)\n")
+        print("| case | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
+        print("|---|" + "---|" * len(BATCHES))
+        for case, by_b in cases.items():
+            cells = []
+            for b in BATCHES:
+                rate, base = by_b[str(b)], cases["base"][str(b)]
+                lim = r["limits"][policy][case][str(b)]
+                cells.append(f"{rate:.1f} ({rate / base:.2f}x; {lim['achieved']:.0%} of {lim['regime']} limit)")
+            print(f"| {case} | " + " | ".join(cells) + " |")
+        print()
+    print("## resident memory (fp32 base + compressed experts) vs as many full fp32 models\n")
+    print("| experts | engine | full models | ratio |\n|---|---|---|---|")
+    for n, m in r["memory_bytes"].items():
+        print(f"| {n} | {m['engine'] / 2**20:.0f} MiB | {m['full_models'] / 2**20:.0f} MiB | "
+              f"{m['full_models'] / m['engine']:.2f}x |")
+    loads = [ms for v in r["load_ms"].values() for lst in v.values() for ms in lst]
+    if loads:
+        print(f"\nexpert load from disk: median {sorted(loads)[len(loads) // 2]:.0f} ms over {len(loads)} loads; "
+              f"merge into hot weights: median {sorted(x for v in r['merge_ms'].values() for x in v)[0]:.0f} ms")
+    if "swap" in r:
+        s, t = r["swap"], r["traffic"]
+        print(f"\n## every request needs another expert (32 new tokens each)\n\n| system | tokens/s | ratio |\n|---|---|---|\n"
+              f"| transformers, swap model from disk (load {s['load_s_mean']:.1f} s) | {s['tokens_per_s']:.1f} | 1.00x |\n"
+              f"| meswitch, one request at a time | {t['one_by_one']:.1f} | {t['one_by_one'] / s['tokens_per_s']:.1f}x |\n"
+              f"| meswitch, requests batched | {t['together']:.1f} | {t['together'] / s['tokens_per_s']:.1f}x |")
+
+
+def plot(r: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(r["tokens_per_s"]), figsize=(11, 4), sharey=True)
+    for ax, (policy, cases) in zip(axes, r["tokens_per_s"].items(), strict=True):
+        for case, by_b in cases.items():
+            ax.plot(BATCHES, [by_b[str(b)] for b in BATCHES], marker="o", label=case)
+        ax.set_title(f"policy: {policy}")
+        ax.set_xlabel("batch size")
+        ax.set_xticks(BATCHES)
+    axes[0].set_ylabel("decode tokens/s")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""``meswitch generate`` and ``Engine.from_store`` on a tiny store with a saved base checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meswitch.cli import main
+from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
+from meswitch.model.checkpoint import save_checkpoint
+from meswitch.store.errors import BaseMismatchError
+from tests.engine_helpers import make_store, perturbed, tiny_base
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, smollm_tokenizer):
+    root = tmp_path_factory.mktemp("gen")
+    base = tiny_base()
+    save_checkpoint(base, smollm_tokenizer, root / "base", {"role": "base"})
+    store = make_store(root / "store", base, {"a": perturbed(base, 1), "b": perturbed(base, 2)},
+                       method="salient", bits=2, k=8)
+    store.set_extra("base_path", str(root / "base"))
+    return root, store
+
+
+def test_from_store_loads_the_recorded_base_and_matches_a_direct_engine(saved, smollm_tokenizer):
+    root, store = saved
+    eng = Engine.from_store(root / "store", router=None)
+    assert eng.experts == ["a", "b"]
+    r = Request(prompt="Hello", expert="b", params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    direct = Engine(store, tiny_base(), smollm_tokenizer, EngineConfig())
+    assert eng.generate(r)[0].token_ids == direct.generate(r)[0].token_ids
+    with pytest.raises(BaseMismatchError):
+        save_checkpoint(tiny_base(seed=5), smollm_tokenizer, root / "other", {"role": "base"})
+        Engine.from_store(root / "store", base=root / "other")
+
+
+def test_generate_cli_json_and_errors(saved, capsys):
+    root, _ = saved
+    rc = main(["generate", str(root / "store"), "Hi", "What is 2+2?", "--expert", "a", "--max-tokens", "4",
+               "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [c["expert"] for c in out] == ["a", "a"]
+    assert all(c["usage"]["completion_tokens"] <= 4 for c in out)
+    assert main(["generate", str(root / "store"), "Hi", "--expert", "zzz"]) == 2
+    assert "no expert 'zzz'" in capsys.readouterr().err
+    assert main(["generate", str(root / "store"), "Hi", "--max-tokens", "0"]) == 2
