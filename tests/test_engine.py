@@ -310,3 +310,27 @@ def _fp(model):
     from meswitch.store import base_info, fingerprint_model
 
     return fingerprint_model(model), base_info(model)
+
+
+class _KeywordRouter:
+    """A stand-in router: 'code' if the text mentions def, else 'b' with low confidence (fallback)."""
+
+    def route(self, texts, top_k=1):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(expert="a", domain="code", confidence=0.93, fallback=False) if "def" in t
+                else SimpleNamespace(expert="b", domain="general", confidence=0.41, fallback=True) for t in texts]
+
+
+def test_auto_requests_are_routed_and_report_the_decision(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = Engine(quantized, copy.deepcopy(base), smollm_tokenizer, EngineConfig(), router=_KeywordRouter())
+    outs = eng.generate([Request(messages=[{"role": "user", "content": "def f(x): pass"}], expert="auto",
+                                 params=GREEDY),
+                         Request(prompt="hello", expert="auto", params=GREEDY)])
+    assert [o.expert for o in outs] == ["a", "b"]
+    assert outs[0].route.as_dict() == {"expert": "a", "domain": "code", "confidence": 0.93, "fallback": False}
+    assert outs[1].route.fallback
+    direct = eng.generate(Request(messages=[{"role": "user", "content": "def f(x): pass"}], expert="a",
+                                  params=GREEDY))[0]
+    assert outs[0].token_ids == direct.token_ids and direct.route is None
