@@ -149,7 +149,7 @@ def report(rows: list[dict[str, Any]], store: Path, stats: dict[str, Any], route
     table = [[_clip(r["query"], 48), r["expert"] + ("" if r["confidence"] is None else f" ({r['confidence']:.2f})"),
               _clip(r["answer"], 90), f"{r['tokens']} tok / {r['seconds']:.1f} s"] for r in rows]
     title = "one query per domain, model='auto'" if routed else "one query per domain, model=<domain> (no router)"
-    print_table(title, ["query", "routed expert (confidence)", "answer", "time"],
+    print_table(title, ["query", "routed expert (confidence)" if routed else "expert", "answer", "time"],
                 table)
     fp = summarize(store)["footprint"]
     mib = 2**20
