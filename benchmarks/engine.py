@@ -7,8 +7,9 @@ Cases (decode tokens/s, prefill excluded, batch sizes 1, 8, 16, every case in th
   (d) mixed16   16 experts (the 3 zoo experts stored under 16 names, each loaded separately)
   (e) swap      what users do today: one transformers model per expert, loaded from disk whenever
                 a request needs another expert (32 new tokens per request)
-under residency policies: ``merged`` (the default: up to 3 hot experts keep merged weights, the
-rest packed codes) and ``dense`` (every resident expert keeps its dequantized delta). Also resident
+under residency policies: ``merged`` (up to 3 hot experts keep merged weights, the rest packed
+codes unpacked per call), ``merged+int4`` (the rest use the fused int4 CPU kernel) and ``int4``
+(no merged weights). Also resident
 memory for 1, 3 and 16 experts against as many full models, the time to bring an expert in from
 disk, and per case the bytes of weights read and FLOPs per decode step, the limit they imply on
 this machine (bandwidth and GFLOPS measured here) and the achieved fraction of it.
@@ -31,7 +32,11 @@ from _common import machine, results_dir  # noqa: E402
 
 BATCHES = (1, 8, 16)
 PROMPT = "Write a short story about a cat named Tom who learns to cook."
-POLICIES = {"merged": {"max_merged": 3, "delta_cache": None}, "dense": {"max_merged": 0, "delta_cache": "dense"}}
+POLICIES = {
+    "merged": {"max_merged": 3, "delta_cache": None},
+    "merged+int4": {"max_merged": 3, "delta_cache": "int4"},
+    "int4": {"max_merged": 0, "delta_cache": "int4"},
+}
 
 
 def many_experts_store(src, n: int, root: Path):
@@ -118,19 +123,25 @@ def engine_traffic(engine, names: list[str], requests: int, new_tokens: int, tog
     return requests * new_tokens / (time.perf_counter() - t0)
 
 
-def step_cost(case: str, batch: int, policy: str, p_lin: int, p_head: int, delta_bytes: float, n_exp: int,
-              merged_cap: int) -> tuple[float, float]:
-    """(weight bytes read, FLOPs) of one decode step, fp32 weights: analytic, from the path each segment takes."""
+def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delta_bytes: float,
+              n_exp: int) -> tuple[float, float]:
+    """(weight bytes read, FLOPs) of one decode step with fp32 base weights, from the path each segment takes.
+
+    Merged experts read their own ``W_base + delta``; the others share one read of the base and add
+    their delta in its stored form (packed codes: ``delta_bytes``; int4: half a byte per weight), as a
+    fused kernel would: the bound such a kernel could reach, not what unpacking with torch ops costs.
+    """
     segs = 0 if case == "base" else min(batch, 1 if case == "one" else n_exp)
-    base_bytes, flops = 4 * (p_lin + p_head), 2 * (p_lin + p_head) * batch
-    if segs == 0:
-        return base_bytes, flops
-    if policy == "merged":
-        merged = min(segs, merged_cap)
-        bytes_ = 4 * p_head + 4 * p_lin * merged + (4 * p_lin + delta_bytes * (segs - merged) if segs > merged else 0)
-        flops += 2 * p_lin * batch * (segs - merged) / segs if segs > merged else 0
-        return bytes_, flops
-    return base_bytes + 4 * p_lin * segs, flops + 2 * p_lin * batch  # dense delta per expert, read once
+    nbytes, flops = 4 * p_head, 2 * p_head * batch
+    merged = min(segs, policy["max_merged"])
+    rows_unmerged = batch - batch * merged // segs if segs else batch
+    nbytes += 4 * p_lin * merged + (4 * p_lin if rows_unmerged else 0)
+    flops += 2 * p_lin * batch
+    per_delta = 0.5 * p_lin if policy["delta_cache"] == "int4" else delta_bytes
+    if segs > merged:
+        nbytes += per_delta * (segs - merged)
+        flops += 2 * p_lin * rows_unmerged
+    return nbytes, flops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine(), "threads": args.threads, "steps": args.steps,
                      "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9, "tokens_per_s": {}, "limits": {},
                      "memory_bytes": {}, "load_ms": {}}
-    cases = {"base": [None], "one": [names3[0]], "mixed3": names3, "mixed16": names16}
+    cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16}
     for policy, kw in POLICIES.items():
         engine = Engine(store16, base, tok, EngineConfig(max_batch=16, **kw), check_base=False)
         for case, experts in cases.items():
@@ -172,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 decode_rate(engine, experts, b, 2)  # warm-up: loads and merges happen here, not in the timing
                 rate = decode_rate(engine, experts, b, args.steps)
                 results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
-                nb, fl = step_cost(case if case != "mixed16" else "mixed", b, policy, p_lin, p_head, delta_bytes,
-                                   len(experts), kw["max_merged"])
+                nb, fl = step_cost(case, b, kw, p_lin, p_head, delta_bytes, len(experts))
                 limit = b / max(nb / bw, fl / gflops)
                 results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {
                     "bytes_read": nb, "flops": fl, "limit_tokens_per_s": limit, "achieved": rate / limit,

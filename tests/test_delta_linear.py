@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from meswitch.compress.codec import decode_delta, encode_delta
+from meswitch.engine import int4
 from meswitch.engine.delta_linear import (
     MODES,
     DeltaFormatError,
@@ -269,3 +270,28 @@ def test_residency_changes():
         layer.add_delta(5, PackedDelta.from_fields(*encoded(("rtn", 2, 0, True), 0, out=8, n=IN)))
     with pytest.raises(ValueError, match="mode must be"):
         layer.set_mode("fast")
+
+
+# ---------------------------------------------------------------- fused int4 CPU path
+
+@pytest.mark.skipif(not int4.available(), reason="this PyTorch lacks the CPU int4 weight-only kernels")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_int4_residency_matches_decode_delta_to_bf16_precision(scheme):
+    fields, meta = encoded(scheme, seed=3, n=128)
+    ref = decode_delta(fields, meta)  # [OUT, 128]
+    x = torch.randn(7, 128, generator=gen(4))
+    pd = PackedDelta.from_fields(fields, meta, resident="int4")
+    assert pd.resident == "int4"
+    got, want = pd.matmul(x), x @ ref.T
+    rel_close(got, want, tol=1.5e-2)  # bf16 activations and scales inside the kernel
+    assert (got - want).abs().max() > 0  # it is the fused kernel, not the exact path
+    exact = PackedDelta.from_fields(fields, meta)
+    assert pd.nbytes() - exact.nbytes() < OUT * 128  # about half a byte per weight, not four
+
+
+def test_int4_residency_falls_back_to_exact_path_for_shapes_the_kernel_cannot_take():
+    fields, meta = encoded(SCHEMES[5], seed=0)  # IN = 80: no group size divides it
+    pd = PackedDelta.from_fields(fields, meta, resident="int4")
+    assert pd.resident is None
+    x = torch.randn(3, IN, generator=gen(1))
+    torch.testing.assert_close(pd.matmul(x), x @ decode_delta(fields, meta).T, rtol=1e-5, atol=1e-6)

@@ -102,7 +102,8 @@ def test_quantized_deltas_match_transformers_model_with_dequantized_weights(mode
         assert (got[name] - _hf_logits(experts[name], ids, 4)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kw", [{}, {"max_merged": 2}, {"delta_cache": None}, {"max_batch": 2}])
+@pytest.mark.parametrize("kw", [{}, {"max_merged": 0}, {"max_merged": 0, "delta_cache": "dense"},
+                                {"max_merged": 1, "delta_cache": "int4"}, {"max_batch": 2}])
 def test_mixed_batch_greedy_equals_each_request_alone(models, quantized, smollm_tokenizer, kw):
     base, _ = models
     eng = _engine(quantized, base, smollm_tokenizer, **kw)
@@ -112,7 +113,7 @@ def test_mixed_batch_greedy_equals_each_request_alone(models, quantized, smollm_
                                                                            ignore_eos=True))
             for i, (e, n) in enumerate(zip(experts, lengths, strict=True))]
     together = eng.generate(reqs)
-    alone_engine = _engine(quantized, base, smollm_tokenizer)
+    alone_engine = _engine(quantized, base, smollm_tokenizer, **kw)
     for r, got in zip(reqs, together, strict=True):
         alone = alone_engine.generate([Request(prompt=r.prompt, expert=r.expert, params=r.params)])[0]
         assert got.token_ids == alone.token_ids, r.expert

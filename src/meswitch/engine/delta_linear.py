@@ -38,8 +38,8 @@ from meswitch.compress.quant import dequantize, sign2d_dequantize
 from meswitch.engine.segments import Segments
 from meswitch.errors import MeswitchError
 
-Resident = Literal["codes", "dense"] | None
-RESIDENCY: tuple[Resident, ...] = (None, "codes", "dense")
+Resident = Literal["codes", "dense", "int4"] | None
+RESIDENCY: tuple[Resident, ...] = (None, "codes", "dense", "int4")
 MODES = ("reference", "segment-dense", "segment-structured", "merged")
 # What each mode keeps resident per expert, beside the packed codes (see MultiExpertLinear).
 MODE_RESIDENT: dict[str, Resident] = {
@@ -162,6 +162,8 @@ class PackedDelta:
     @property
     def resident(self) -> Resident:
         """What is cached beside the packed codes: ``"dense"``, ``"codes"`` or None."""
+        if getattr(self, "_int4", None) is not None:
+            return "int4"
         return "dense" if "dense" in self._cache else "codes" if "codes" in self._cache else None
 
     def codes(self) -> Tensor:
@@ -187,17 +189,26 @@ class PackedDelta:
         if what not in RESIDENCY:
             raise ValueError(f"resident must be one of {RESIDENCY}, got {what!r}")
         self._cache.clear()
+        object.__setattr__(self, "_int4", None)
         if what == "codes":
             self._cache["codes"] = self.codes().float()
         elif what == "dense":
             self._cache["dense"] = self.dense()
+        elif what == "int4":
+            from meswitch.engine import int4
+
+            fused = int4.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape,
+                               self.col_scale)
+            if fused is not None:  # else: shapes the kernel cannot take keep the exact path
+                object.__setattr__(self, "_int4", fused)
         return self
 
     def nbytes(self) -> int:
         """Bytes held in memory: stored parts (as held, float32/int64) plus whatever is resident."""
         held = _nbytes(self.packed, self.scale, self.zero, self.salient_idx, self.salient_cols, self.rest_idx,
                        self.col_scale)
-        return held + _nbytes(*self._cache.values())
+        fused = getattr(self, "_int4", None)
+        return held + _nbytes(*self._cache.values()) + (fused.nbytes() if fused is not None else 0)
 
     def to(self, device: torch.device | str) -> PackedDelta:
         """A copy on ``device`` with the same residency."""
@@ -226,6 +237,12 @@ class PackedDelta:
         xf = x.float()
         if "dense" in self._cache:
             return xf @ self._cache["dense"].T
+        fused = getattr(self, "_int4", None)
+        if fused is not None:
+            y = fused.matmul(xf)
+            if self.k:
+                y.addmm_(xf.index_select(1, self.salient_idx), self.salient_cols.T)
+            return y
         c = self._cache["codes"] if "codes" in self._cache else self.codes().float()  # [out, in - k]
         x_r = xf.index_select(1, self.rest_idx) if self.k else xf  # [n, in - k]
         scale = self.scale
