@@ -11,7 +11,7 @@ from meswitch.errors import MeswitchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from meswitch.cli import compress, demo, generate, serve, zoo
+    from meswitch.cli import compress, demo, generate, router, serve, zoo
 
     parser = argparse.ArgumentParser(
         prog="meswitch", description="Serve many fine-tuned experts from one base model."
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     zoo.register(sub)
     compress.register(sub)
+    router.register(sub)
     generate.register(sub)
     serve.register(sub)
     demo.register(sub)

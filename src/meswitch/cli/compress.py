@@ -113,6 +113,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from meswitch.store.summary import summarize
 
     summary = summarize(args.store)
+    routers = _routers(args.store)
+    if routers is not None:
+        summary["routers"] = routers
     if args.json:
         print_json(summary)
         return 0
@@ -127,7 +130,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"footprint: base + {fp['experts']} compressed experts = {fp['store_bytes'] / 2**20:.1f} MiB "
           f"vs {fp['experts']} fp16 experts = {fp['fp16_experts_bytes'] / 2**20:.1f} MiB "
           f"({fp['ratio']:.2f}x smaller)")
+    if routers:
+        print_table("routers", ["encoder", "active", "domain -> expert", "fallback", "threshold", "val acc", "status"],
+                    [[k, "yes" if r["active"] else "", ", ".join(f"{d}->{e}" for d, e in (r["domain_map"] or {}).items()),
+                      r["fallback"], r.get("threshold", "-"), r.get("val_accuracy", "-"), r.get("error", "ok")]
+                     for k, r in routers.items()])
     return 0
+
+
+def _routers(store: Path) -> dict | None:
+    """The store's routers (``meswitch.router``), or None when the router package is unavailable."""
+    try:
+        from meswitch.router.router import describe_routers
+    except ImportError:
+        return None
+    from meswitch.store import DeltaStore
+
+    return describe_routers(DeltaStore.open(store))
 
 
 def cmd_fidelity(args: argparse.Namespace) -> int:
