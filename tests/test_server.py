@@ -178,6 +178,13 @@ def test_chat_stream_concatenates_to_the_plain_answer(client):
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
 
 
+def test_a_vanishing_temperature_or_top_p_is_greedy_not_a_crash(client):
+    args = {"model": "math", "prompt": "What is 7 times 6?", "max_tokens": 6}
+    greedy = client.completions.create(temperature=0, **args).choices[0].text
+    assert client.completions.create(temperature=5e-324, **args).choices[0].text == greedy
+    assert client.completions.create(temperature=1, top_p=5e-324, **args).choices[0].text == greedy  # top token only
+
+
 def test_completion_stream(client):
     args = {"model": "code", "prompt": "def add(a, b):", "temperature": 0, "max_tokens": 10}
     plain = client.completions.create(**args)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class _Req(BaseModel):
@@ -61,7 +62,6 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = Field(default=False, description="only false is served")
 
 

@@ -32,6 +32,7 @@ from meswitch.server.config import ServerConfig
 from meswitch.server.metrics import ServerMetrics
 
 EXPERT_HEADER = "x-meswitch-expert"
+GREEDY_BELOW = 1e-5
 
 
 class APIError(Exception):
@@ -98,8 +99,8 @@ class OpenAIServing:
         names = self.experts + ([AUTO] if self.routed else [])
         return P.ModelList(data=[P.ModelCard(id=n) for n in names])
 
-    def _params(self, body: P._Sampling, max_tokens: int | None) -> SamplingParams:
-        n = max_tokens if max_tokens is not None else min(self.config.default_max_tokens, self.config.max_tokens)
+    def _params(self, body: P._Sampling, max_tokens: int | None, default: int) -> SamplingParams:
+        n = max_tokens if max_tokens is not None else min(default, self.config.max_tokens)
         if n > self.config.max_tokens:
             raise APIError(400, f"max_tokens is {n}; this server allows at most {self.config.max_tokens}",
                            param="max_tokens", code="max_tokens_too_large")
@@ -107,7 +108,12 @@ class OpenAIServing:
         if any(not s for s in stop):
             raise APIError(400, "stop sequences must be non-empty strings", param="stop", code="invalid_value")
         try:
-            return SamplingParams(max_tokens=n, temperature=body.temperature, top_p=body.top_p, stop=tuple(stop),
+            # As vLLM: a temperature this small is greedy (dividing logits by 5e-324 overflows to inf/nan).
+            temperature = 0.0 if body.temperature < GREEDY_BELOW else body.temperature
+            # The engine's nucleus filter compares in float32, where a top_p under ~1e-45 is 0 and drops every
+            # token; any top_p this small keeps just the most likely token anyway.
+            top_p = max(body.top_p, GREEDY_BELOW)
+            return SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p, stop=tuple(stop),
                                   seed=body.seed, ignore_eos=body.ignore_eos)
         except InvalidRequestError as e:
             raise APIError(400, str(e), code="invalid_value") from e
@@ -140,7 +146,7 @@ class OpenAIServing:
                     for m in body.messages]
         if not any(m["content"] for m in messages):
             raise APIError(400, "every message is empty", param="messages", code="invalid_value")
-        params = self._params(body, body.max_completion_tokens or body.max_tokens)
+        params = self._params(body, body.max_completion_tokens or body.max_tokens, self.config.default_max_tokens)
         handle, watcher = await self._submit(Request(messages=messages, expert=body.model, params=params), http)
         if body.stream:
             return self._streaming(handle, watcher, self._chat_chunks(handle, body))
@@ -155,7 +161,7 @@ class OpenAIServing:
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         if not prompt:
             raise APIError(400, "prompt must be a non-empty string", param="prompt", code="invalid_value")
-        params = self._params(body, body.max_tokens)
+        params = self._params(body, body.max_tokens, P.COMPLETION_MAX_TOKENS)
         handle, watcher = await self._submit(Request(prompt=prompt, expert=body.model, params=params), http)
         if body.stream:
             return self._streaming(handle, watcher, self._completion_chunks(handle, body))
