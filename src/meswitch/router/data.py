@@ -150,9 +150,11 @@ def _sharegpt_records(skip_bytes: int = 0) -> Iterator[tuple[str, str]]:
 def broad_training_examples(train: list[Example], n_per_style: int, seed: int) -> list[Example]:
     """Styles the zoo's text lacks, made only from ``train`` itself and training-side generators.
 
-    math: questions of ``TRAIN_MATH_GENERATORS``; code: the zoo's stdlib and CodeIO prompts without
-    their "Implement this Python function." / "Write a Python program" preamble; general: the zoo's
-    general prompts with a constraint from ``TRAIN_CONSTRAINTS`` appended.
+    math: questions of ``TRAIN_MATH_GENERATORS`` and short questions (``short_math_questions``);
+    code: the zoo's stdlib and CodeIO prompts without their "Implement this Python function." /
+    "Write a Python program" preamble, requests in prose (``code_requests``) and chatterbot-corpus's
+    ``coding`` questions (which the zoo leaves out); general: the zoo's general prompts with a
+    constraint from ``TRAIN_CONSTRAINTS`` appended.
     """
     rng = random.Random(seed)
     out = generator_examples(TRAIN_MATH_GENERATORS, n_per_style, seed)
@@ -161,6 +163,8 @@ def broad_training_examples(train: list[Example], n_per_style: int, seed: int) -
     rng.shuffle(bare)
     out += bare[: 2 * n_per_style]
     out += code_requests(code, n_per_style, seed)
+    out += chatterbot_coding()
+    out += short_math_questions(train, n_per_style, seed)
     general = [e for e in train if e.domain == "general"]
     rng.shuffle(general)
     out += [
@@ -197,6 +201,34 @@ def code_requests(code: list[Example], n: int, seed: int) -> list[Example]:
         out.append(Example(text.replace("a  ", "a ").replace(" in ?", "?").replace(" with ?", "?"), "code", "",
                            "cpython+request"))
     return out
+
+
+def chatterbot_coding() -> list[Example]:
+    """First turns of chatterbot-corpus's ``coding`` dialogues: short, casual requests for code."""
+    import yaml
+
+    from meswitch.data.sources import _package_dir
+
+    path = _package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english" / "coding.yml"
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    firsts = [str(c[0]).strip() for c in doc.get("conversations", []) if c and c[0]]
+    return _dedupe([Example(t, "code", "", "chatterbot_corpus/coding") for t in firsts])
+
+
+def short_math_questions(train: list[Example], n: int, seed: int) -> list[Example]:
+    """Short math questions: the final question sentence of the zoo's word problems and the first
+    line of training-side generator questions ("How many apples are left?", "Calculate 3 * 9.")."""
+    rng = random.Random(seed)
+    out = []
+    for e in train:
+        if e.domain != "math":
+            continue
+        q = [s for s in re.split(r"(?<=[.?!])\s+", e.text.strip()) if s.endswith("?") and 15 <= len(s) <= 150]
+        if q:
+            out.append(Example(q[-1], "math", "", f"{e.source}+question"))
+    rng.shuffle(out)
+    gen = generator_examples(TRAIN_MATH_GENERATORS, n, seed + 5)
+    return _dedupe(out[:n] + [Example(e.text.split("\n")[0][:200], "math", "", f"{e.source}+first") for e in gen])
 
 
 # ----------------------------------------------------------------------------- out-of-source sets

@@ -1,0 +1,192 @@
+"""Compare the router's three encoders on in-distribution and out-of-source queries.
+
+For each encoder: train on the default mix of a store (a copy is made; the store itself is not
+changed), then evaluate on the zoo's held-out test split (in-distribution) and on the out-of-source
+sets of ``meswitch.router.data`` (sources no training mix uses), and time routing at batch 1.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/router.py --store ~/.cache/meswitch/stores/full
+
+Writes docs/results/router.{md,json} and router_reliability.png. The base-model encoders are slow
+on a CPU: ``--train-per-domain`` / ``--eval-per-set`` subsample for them (each row says how many).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, results_dir, rss_bytes  # noqa: E402
+
+# A hand-written probe of short, casual queries (the zoo's math and code text is long and formal).
+# 24 queries are too few for a target; they show a failure mode the larger sets do not contain.
+SHORT = {
+    "math": ["Find the integral of x^2 sin x", "is 7 prime?", "what is 15% of 80", "Solve 2x + 3 = 11",
+             "derivative of ln(x)/x", "How many ways can 5 people sit in a row?",
+             "What's the area of a circle with radius 3?", "simplify (x^2 - 1)/(x - 1)"],
+    "code": ["write me a bash script that renames files", "how do I reverse a list in python",
+             "fix this: for i in range(10) print(i)", "SQL query to find duplicate emails",
+             "What does `git rebase -i` do?", "write a regex for email addresses",
+             "convert this JSON to a TypeScript interface", "why does my React component re-render twice?"],
+    "general": ["what's your favourite film? answer in one word", "Write a haiku about autumn",
+                "Give me three tips for sleeping better, as bullet points", "Can you recommend a good book?",
+                "How do I ask my boss for a raise?", "Tell me a joke about cats",
+                "What should I cook for dinner tonight?", "Summarize the plot of Hamlet in two sentences"],
+}
+SLOW = {"base-probe": (300, 100), "llm-choice": (40, 50)}  # (train per domain, eval per set)
+
+
+def _subsample(examples: list, per: int | None, seed: int = 0) -> list:
+    """At most ``per`` examples of each domain, seeded."""
+    if not per:
+        return examples
+    rng = random.Random(seed)
+    by: dict[str, list] = {}
+    for e in examples:
+        by.setdefault(e.domain, []).append(e)
+    return [e for d in sorted(by) for e in (rng.sample(by[d], per) if len(by[d]) > per else by[d])]
+
+
+def _oos_sets(cache: Path, n: int) -> dict[str, list]:
+    from meswitch.data.examples import read_jsonl, write_jsonl
+    from meswitch.router.data import out_of_source_sets
+
+    cache.mkdir(parents=True, exist_ok=True)
+    marker = cache / f"n{n}.done"
+    if not marker.exists():
+        for name, ex in out_of_source_sets(n).items():
+            write_jsonl(cache / f"{name}.jsonl", ex)
+        marker.write_text("ok")
+    return {p.stem: read_jsonl(p) for p in sorted(cache.glob("*.jsonl"))}
+
+
+def run_encoder(kind: str, store, base, test, oos, args) -> dict:
+    import torch
+
+    from meswitch.router.eval import evaluate
+    from meswitch.router.train import RouterTrainConfig, default_training_examples, train_router
+
+    n_train, n_eval = SLOW.get(kind, (None, None))
+    n_train = args.train_per_domain or n_train
+    n_eval = args.eval_per_set or n_eval
+    train = default_training_examples(store)
+    gc.collect()
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    router = train_router(store, train, RouterTrainConfig(encoder=kind, max_per_domain=n_train),
+                          base=base if kind != "minilm" else None, progress=True)
+    train_s = time.perf_counter() - t0
+    extra_rss = rss_bytes() - rss0
+    head_bytes = sum(t.numel() * t.element_size() for t in router.head.values())
+    enc_params = 0
+    if kind == "minilm":
+        enc_params = sum(p.numel() * p.element_size() for p in router.encoder.model.state_dict().values()
+                         if isinstance(p, torch.Tensor))
+    row = {"encoder": kind, "train_examples": router.config.training["examples"], "train_s": train_s,
+           "val_accuracy": router.config.training["val_accuracy"], "temperature": router.config.temperature,
+           "head_bytes": head_bytes, "encoder_bytes": enc_params, "rss_growth_bytes": extra_rss}
+    torch.set_num_threads(args.threads)
+    per_set = n_eval and max(1, n_eval // 3)  # the ID split has three domains
+    res_id = evaluate(router, _subsample(test, per_set), latency_queries=args.latency_queries)
+    row["id"] = res_id
+    row["oos"] = {}
+    for name, ex in oos.items():
+        ex = ex[:n_eval] if n_eval else ex
+        row["oos"][name] = evaluate(router, ex, latency_queries=0)
+    # the combined out-of-source set: every set pooled, macro over the three domains
+    pooled = [e for name in oos for e in (oos[name][:n_eval] if n_eval else oos[name])]
+    row["oos_all"] = evaluate(router, pooled, latency_queries=0)
+    from meswitch.data.examples import Example
+
+    row["short"] = evaluate(router, [Example(t, d) for d, ts in SHORT.items() for t in ts], latency_queries=0)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    sets = list(rows[0]["oos"])
+    head = ["encoder", "ID acc", "OOS acc (macro)", *[f"{s}" for s in sets], "ECE ID", "ECE OOS", "fallback ID",
+            "fallback OOS", "short (24)", "p50 ms", "p99 ms", "b64 q/s", "memory", "train n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mem = (f"{r['encoder_bytes'] / 2**20:.0f} MiB encoder (int8) + {r['head_bytes'] / 2**10:.0f} KiB head"
+               if r["encoder"] == "minilm" else f"base model (shared) + {r['head_bytes'] / 2**10:.1f} KiB head")
+        i, o = r["id"], r["oos_all"]
+        lines.append("| " + " | ".join([
+            r["encoder"], f"{i['accuracy']:.3f}", f"{o['accuracy']:.3f}",
+            *[f"{r['oos'][s]['accuracy']:.3f}" for s in sets],
+            f"{i['ece']:.3f}", f"{o['ece']:.3f}", f"{i['fallback_rate']:.3f}", f"{o['fallback_rate']:.3f}", f"{r['short']['accuracy']:.3f}",
+            f"{i['latency_ms_p50']:.1f}", f"{i['latency_ms_p99']:.1f}", f"{i['throughput_qps_b64']:.0f}", mem,
+            str(r["train_examples"]),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 4), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        for label, res in (("in-distribution", r["id"]), ("out-of-source", r["oos_all"])):
+            rel = res["reliability"]
+            ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-", label=f"{label} (ECE {res['ece']:.3f})")
+        ax.set(title=r["encoder"], xlabel="confidence", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", type=Path, default=Path.home() / ".cache/meswitch/stores/full")
+    ap.add_argument("--encoders", default="minilm,base-probe,llm-choice")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads while timing (default 2)")
+    ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--train-per-domain", type=int, help="override the per-encoder training subsample")
+    ap.add_argument("--eval-per-set", type=int, help="override the per-encoder evaluation subsample")
+    ap.add_argument("--oos-n", type=int, default=300, help="queries per out-of-source set")
+    ap.add_argument("--out", type=Path, default=results_dir())
+    args = ap.parse_args()
+
+    from meswitch.data.examples import read_jsonl
+    from meswitch.router.router import load_store_base
+    from meswitch.store import DeltaStore
+    from meswitch.zoo.build import ZooPaths
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "store"
+        shutil.copytree(args.store, copy, ignore=shutil.ignore_patterns("router", ".lock"))
+        store = DeltaStore.open(copy)
+        test = read_jsonl(ZooPaths(Path(store.extra["base_path"]).parent).split(None, "test"))
+        oos = _oos_sets(Path(tmp).parent / "meswitch-router-oos", args.oos_n)
+        kinds = args.encoders.split(",")
+        base = load_store_base(store) if any(k != "minilm" for k in kinds) else None
+        rows = []
+        for kind in kinds:
+            print(f"== {kind}", file=sys.stderr, flush=True)
+            rows.append(run_encoder(kind, store, base, test, oos, args))
+            print(table(rows[-1:]), flush=True)
+    md = table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "router.md").write_text(
+        f"Router encoders, {machine()}, {args.threads} torch threads while timing\n\n{md}\n\n"
+        "ID: the zoo's held-out test split. OOS: sets no training mix uses (meswitch.router.data), "
+        "macro accuracy over math/code/general of all sets pooled.\n")
+    (args.out / "router.json").write_text(json.dumps(rows, indent=2, default=float))
+    plot(rows, args.out / "router_reliability.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
