@@ -335,3 +335,46 @@ def test_auto_requests_are_routed_and_report_the_decision(models, quantized, smo
     direct = eng.generate(Request(messages=[{"role": "user", "content": "def f(x): pass"}], expert="a",
                                   params=GREEDY))[0]
     assert outs[0].token_ids == direct.token_ids and direct.route is None
+
+
+def test_extreme_sampling_values_never_break_the_batch(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    greedy = eng.generate(Request(prompt=PROMPTS[0], expert="a", params=GREEDY))[0].token_ids
+    odd = [SamplingParams(max_tokens=8, temperature=5e-324, ignore_eos=True),
+           SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-300, seed=1, ignore_eos=True),
+           SamplingParams(max_tokens=8, temperature=1e6, seed=2, ignore_eos=True)]
+    outs = eng.generate([Request(prompt=PROMPTS[0], expert="a", params=p) for p in odd])
+    assert [o.finish_reason for o in outs] == ["length"] * 3
+    assert outs[0].token_ids == greedy and outs[1].token_ids == greedy  # both reduce to the top token
+
+
+def test_describe_request_reports_expert_and_route(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = Engine(quantized, copy.deepcopy(base), smollm_tokenizer, EngineConfig(), router=_KeywordRouter())
+    rid = eng.add_request(Request(prompt="def g(): pass", expert="auto", params=GREEDY))
+    expert, route = eng.describe_request(rid)
+    assert expert == "a" and route.domain == "code"
+    assert eng.describe_request(eng.add_request(Request(prompt="x", params=GREEDY))) == (None, None)
+    with pytest.raises(KeyError):
+        eng.describe_request("nope")
+
+
+def test_a_request_whose_sampling_fails_ends_alone(models, quantized, smollm_tokenizer, monkeypatch):
+    import meswitch.engine.engine as engine_mod
+
+    real = engine_mod.sample
+
+    def flaky(logits, params, generators):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("probability tensor contains inf or nan")
+        return real(logits, params, generators)
+
+    monkeypatch.setattr(engine_mod, "sample", flaky)
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer)
+    bad = SamplingParams(max_tokens=4, temperature=1.0, seed=666)
+    outs = eng.generate([Request(prompt=PROMPTS[0], expert="a", params=GREEDY),
+                         Request(prompt=PROMPTS[1], expert="b", params=bad)])
+    assert [o.finish_reason for o in outs] == ["length", "error"]
+    assert len(outs[0].token_ids) == GREEDY.max_tokens

@@ -149,6 +149,13 @@ class Engine:
         self.counters["prompt_tokens"] += len(seq.prompt_ids)
         return request.request_id
 
+    def describe_request(self, request_id: str) -> tuple[str | None, Route | None]:
+        """(expert name or None for the base, routing decision or None) of a queued or running request."""
+        for s in (*self._waiting, *self._running):
+            if s.req.request_id == request_id:
+                return (None if s.expert < 0 else self.pool.names[s.expert]), s.route
+        raise KeyError(f"no waiting or running request {request_id!r}")
+
     def abort(self, request_id: str) -> None:
         """Cancel a waiting or running request; it ends with ``finish_reason="cancelled"`` at the next step."""
         self._aborted.add(request_id)
@@ -215,16 +222,32 @@ class Engine:
         device = self.model.device
         batch = StepBatch.build(slices, device)
         logits = self.model(torch.tensor(ids, device=device), batch, self.cache)  # [S, V]
-        tokens = sample(logits, [s.req.params for s in step], [s.generator for s in step]).tolist()
+        tokens = self._sample(logits, step)
         self.counters["steps"] += 1
         now = time.perf_counter()
         for s, tok in zip(step, tokens, strict=True):
+            if tok is None:
+                events.append(self._finish(s, "error", "sampling failed for this request"))
+                continue
             if s.first_token is None:
                 s.first_token = now
             s.out_ids.append(tok)
             self.counters["generated_tokens"] += 1
             events.append(self._advance(s, tok))
         return [e for e in events if e is not None]
+
+    def _sample(self, logits: torch.Tensor, step: list[_Seq]) -> list[int | None]:
+        """Next token per sequence; if the batch call fails, row by row, so one bad row fails alone."""
+        try:
+            return sample(logits, [s.req.params for s in step], [s.generator for s in step]).tolist()
+        except RuntimeError:
+            out: list[int | None] = []
+            for i, s in enumerate(step):
+                try:
+                    out.append(int(sample(logits[i : i + 1], [s.req.params], [s.generator])[0]))
+                except RuntimeError:
+                    out.append(None)
+            return out
 
     def _advance(self, s: _Seq, tok: int) -> StreamEvent | None:
         p = s.req.params

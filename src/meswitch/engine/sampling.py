@@ -14,12 +14,14 @@ from torch import Tensor
 
 from meswitch.engine.errors import InvalidRequestError
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings, with the OpenAI/vLLM meaning.
 
-    ``temperature == 0`` is greedy decoding; ``top_p`` keeps the smallest set of tokens whose
+    ``temperature == 0`` (or below ``GREEDY_BELOW``) is greedy decoding; ``top_p`` keeps the smallest set of tokens whose
     probability reaches it; ``stop`` strings end generation and are not returned; ``seed`` makes
     sampling reproducible for this request alone, whatever else shares its batch.
     """
@@ -47,7 +49,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below ``GREEDY_BELOW`` decode greedily (as vLLM): dividing by them overflows."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _finite(v: object) -> bool:
@@ -65,6 +68,7 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     sorted_logits, order = torch.sort(logits, descending=True)
     cum = torch.softmax(sorted_logits, -1).cumsum(-1)
     drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # mass before this token already reaches p
+    drop[0] = False  # the most likely token always stays (a p that rounds to 0 must not empty the set)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(0, order, sorted_logits)
 
@@ -74,7 +78,7 @@ def sample(
 ) -> Tensor:
     """Next token per sequence: ``logits: [S, V]`` (float) -> ``int64 [S]``.
 
-    Row ``i`` is ``argmax`` when ``params[i].temperature == 0``, else a draw from
+    Row ``i`` is ``argmax`` when ``params[i].greedy``, else a draw from
     ``softmax(top_p_filter(logits[i] / temperature))`` with ``generators[i]``.
     """
     if logits.dim() != 2 or not logits.shape[0] == len(params) == len(generators):
