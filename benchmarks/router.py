@@ -76,7 +76,7 @@ def run_encoder(kind: str, store, base, test, oos, args) -> dict:
     n_train, n_eval = SLOW.get(kind, (None, None))
     n_train = args.train_per_domain or n_train
     n_eval = args.eval_per_set or n_eval
-    train = default_training_examples(store)
+    train = default_training_examples(store, broad=not args.no_broad)
     gc.collect()
     rss0 = rss_bytes()
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def run_encoder(kind: str, store, base, test, oos, args) -> dict:
     if kind == "minilm":
         enc_params = sum(p.numel() * p.element_size() for p in router.encoder.model.state_dict().values()
                          if isinstance(p, torch.Tensor))
-    row = {"encoder": kind, "train_examples": router.config.training["examples"], "train_s": train_s,
+    row = {"encoder": kind + (" (zoo text only)" if args.no_broad else ""), "train_examples": router.config.training["examples"], "train_s": train_s,
            "val_accuracy": router.config.training["val_accuracy"], "temperature": router.config.temperature,
            "head_bytes": head_bytes, "encoder_bytes": enc_params, "rss_growth_bytes": extra_rss}
     torch.set_num_threads(args.threads)
@@ -116,7 +116,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mem = (f"{r['encoder_bytes'] / 2**20:.0f} MiB encoder (int8) + {r['head_bytes'] / 2**10:.0f} KiB head"
-               if r["encoder"] == "minilm" else f"base model (shared) + {r['head_bytes'] / 2**10:.1f} KiB head")
+               if r["encoder"].startswith("minilm") else f"base model (shared) + {r['head_bytes'] / 2**10:.1f} KiB head")
         i, o = r["id"], r["oos_all"]
         lines.append("| " + " | ".join([
             r["encoder"], f"{i['accuracy']:.3f}", f"{o['accuracy']:.3f}",
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--train-per-domain", type=int, help="override the per-encoder training subsample")
     ap.add_argument("--eval-per-set", type=int, help="override the per-encoder evaluation subsample")
     ap.add_argument("--oos-n", type=int, default=300, help="queries per out-of-source set")
+    ap.add_argument("--no-broad", action="store_true", help="train on the zoo's text alone (no broad mix)")
     ap.add_argument("--out", type=Path, default=results_dir())
     args = ap.parse_args()
 

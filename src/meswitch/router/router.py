@@ -148,7 +148,11 @@ class Router:
     # ---- storage ---------------------------------------------------------------------------------
 
     def save(self, store: DeltaStore, activate: bool = True) -> dict[str, Any]:
-        """Write this router into ``store`` (files first, then the manifest entry); returns the entry."""
+        """Write this router into ``store`` (files first, then the manifest entry); returns the entry.
+
+        The entry of the other encoder kinds is read and written back: two trainers saving into one
+        store at the same moment may drop each other's entry (rerun one); neither leaves a broken one.
+        """
         from safetensors.torch import save as save_bytes
 
         check_for_store(self.config, store)
