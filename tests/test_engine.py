@@ -90,14 +90,16 @@ def test_lossless_deltas_reproduce_each_expert_in_a_mixed_batch(models, lossless
 
 def test_quantized_deltas_match_transformers_model_with_dequantized_weights(models, quantized, smollm_tokenizer):
     base, experts = models
-    eng = _engine(quantized, base, smollm_tokenizer)
+    exact = _engine(quantized, base, smollm_tokenizer, delta_cache=None)  # codes unpacked: the exact path
+    fused = _engine(quantized, base, smollm_tokenizer, delta_cache="int4")  # the default: bf16 in the delta term
     g = torch.Generator().manual_seed(1)
     seqs = {n: torch.randint(0, 49152, (10,), generator=g).tolist() for n in ["b", "a"]}
-    got = _teacher_forced_logits(eng, seqs, prefill=4)
+    got, approx = _teacher_forced_logits(exact, seqs, prefill=4), _teacher_forced_logits(fused, seqs, prefill=4)
     for name, ids in seqs.items():
         layers, entry = quantized.load_expert(name)
-        merged = apply_delta(copy.deepcopy(base), layers, entry["layers"])
-        torch.testing.assert_close(got[name], _hf_logits(merged, ids, 4), atol=1e-4, rtol=0)
+        want = _hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
+        torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(approx[name], want, atol=2e-2, rtol=0)
         # and the quantized expert is not simply the fine-tune itself
         assert (got[name] - _hf_logits(experts[name], ids, 4)).abs().max() > 1e-3
 
@@ -378,3 +380,20 @@ def test_a_request_whose_sampling_fails_ends_alone(models, quantized, smollm_tok
                          Request(prompt=PROMPTS[1], expert="b", params=bad)])
     assert [o.finish_reason for o in outs] == ["length", "error"]
     assert len(outs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_an_expert_alone_for_merge_after_steps_gets_merged_weights(models, quantized, smollm_tokenizer):
+    base, _ = models
+    eng = _engine(quantized, base, smollm_tokenizer, max_merged=1, merge_after=3)
+    exact = _engine(quantized, base, smollm_tokenizer, max_merged=0, delta_cache=None)
+    r = Request(prompt=PROMPTS[0], expert="b", params=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert eng.generate(r)[0].token_ids == exact.generate(r)[0].token_ids
+    snap = eng.pool.snapshot()
+    assert snap["merged"] == ["b"] and snap["experts"]["b"]["merges"] == 1 and snap["merged_bytes"] > 0
+    eng.generate(Request(prompt=PROMPTS[1], expert="c", params=r.params))  # c replaces b (max_merged=1)
+    assert eng.pool.merged() == ["c"]
+    mixed = [Request(prompt=PROMPTS[i], expert=e, params=r.params) for i, e in enumerate(["c", "a", None])]
+    assert [o.token_ids for o in eng.generate(mixed)] == [o.token_ids for o in exact.generate(mixed)]
+    short = _engine(quantized, base, smollm_tokenizer, max_merged=1, merge_after=50)
+    short.generate(r)
+    assert short.pool.merged() == []  # 10 solo steps are not enough to be worth a merge

@@ -39,9 +39,12 @@ class EngineConfig:
 
     ``max_context`` None: the model's, capped at 4096. ``max_resident_bytes``: budget for experts'
     deltas in memory (None: unlimited); others are loaded from the store on demand, least recently
-    used out first. ``max_merged``: hot experts that also keep merged ``W_base + delta`` weights
-    (a full copy of the linear weights each; fastest on CPU, see docs/engine.md). ``delta_cache``:
-    what other experts keep beside the packed codes (None, ``"codes"`` or ``"dense"``).
+    used out first. ``max_merged``: experts that may also keep merged ``W_base + delta`` weights (a
+    full copy of the linear weights each), given to an expert once it has had the batch to itself for
+    ``merge_after`` consecutive steps; they make such batches run at the base's speed. ``delta_cache``:
+    what resident experts keep beside the packed codes for mixed batches (``"int4"``: the fused CPU
+    kernel's layout, half a byte per weight; ``"dense"``; ``"codes"``; None: unpack on every call).
+    Measurements behind these defaults: docs/engine.md.
     """
 
     max_batch: int = 16
@@ -49,7 +52,8 @@ class EngineConfig:
     max_waiting: int = 1024
     max_resident_bytes: int | None = None
     max_merged: int = 3
-    delta_cache: Resident = None
+    merge_after: int = 16
+    delta_cache: Resident = "int4"
     verify: bool = True
 
 
@@ -99,6 +103,7 @@ class Engine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._aborted: set[str] = set()
+        self._solo = (-1, 0)  # (expert, consecutive steps it had the batch to itself)
         self._eos = _eos_ids(base, tokenizer)
         self._max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16) or 16
         self.counters = {"requests": 0, "finished": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
@@ -224,6 +229,7 @@ class Engine:
         logits = self.model(torch.tensor(ids, device=device), batch, self.cache)  # [S, V]
         tokens = self._sample(logits, step)
         self.counters["steps"] += 1
+        self._note_solo(batch.segments.single_expert)
         now = time.perf_counter()
         for s, tok in zip(step, tokens, strict=True):
             if tok is None:
@@ -235,6 +241,16 @@ class Engine:
             self.counters["generated_tokens"] += 1
             events.append(self._advance(s, tok))
         return [e for e in events if e is not None]
+
+    def _note_solo(self, single: int | None) -> None:
+        """Merge an expert's weights once it has had ``merge_after`` consecutive steps to itself."""
+        if single is None or single < 0:
+            self._solo = (-1, 0)
+            return
+        e, n = self._solo
+        self._solo = (single, n + 1 if e == single else 1)
+        if self._solo[1] == self.config.merge_after:
+            self.pool.merge(single)
 
     def _sample(self, logits: torch.Tensor, step: list[_Seq]) -> list[int | None]:
         """Next token per sequence; if the batch call fails, row by row, so one bad row fails alone."""

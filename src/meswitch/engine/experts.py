@@ -4,7 +4,8 @@ Two tiers, as in vLLM's adapter manager: the **resident** tier holds each loaded
 deltas (bytes counted against ``max_resident_bytes``; least recently used unpinned experts leave
 first, back to the store on disk); the **merged** tier keeps a full ``W_base + delta`` copy of the
 linear weights for up to ``max_merged`` hot experts, so a batch of one of them runs at the base
-model's speed. Experts in use by a running sequence are pinned (reference counted) and never
+model's speed (the engine decides when: :meth:`ExpertPool.merge`; mixed batches never use merged
+weights, which would read one full weight copy per expert). Experts in use by a running sequence are pinned (reference counted) and never
 evicted; :meth:`ExpertPool.pin` pins one for good.
 """
 
@@ -116,8 +117,6 @@ class ExpertPool:
             self.load(idx)
             self._make_room(0, keep=idx)  # the estimate may have been low
         self._refs[idx] = self._refs.get(idx, 0) + 1
-        if self.max_merged > 0:
-            self._ensure_merged(idx)
         return True
 
     def release(self, idx: int) -> None:
@@ -182,7 +181,10 @@ class ExpertPool:
             self.evict(victim)
         return True
 
-    def _ensure_merged(self, idx: int) -> None:
+    def merge(self, idx: int) -> None:
+        """Give resident expert ``idx`` merged weights (dropping the least recently merged beyond ``max_merged``)."""
+        if self.max_merged <= 0 or idx not in self._resident:
+            return
         if idx in self._merged:
             self._merged.move_to_end(idx)
             return

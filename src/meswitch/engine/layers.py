@@ -8,9 +8,9 @@ takes the step's :class:`~meswitch.engine.segments.Segments` (row -> expert inde
 
     y[i] = x[i] @ (W_base + delta_e)^T + b        # delta_{-1} = 0
 
-with three paths per segment: the base alone; ``base(x) + delta.matmul(x)`` from the packed delta
-(:class:`~meswitch.engine.delta_linear.PackedDelta`, whatever it keeps resident); or one matmul
-with a cached merged weight ``W_base + delta_e`` for the hot experts that have one.
+as ``base(x) + delta.matmul(x)`` per expert segment from the packed delta
+(:class:`~meswitch.engine.delta_linear.PackedDelta`, whatever it keeps resident), or, when every
+row belongs to one expert that has it, one matmul with a cached merged weight ``W_base + delta_e``.
 """
 
 from __future__ import annotations
@@ -89,23 +89,13 @@ class ExpertLinear(nn.Module):
         if single is not None and (single < 0 or single in self.merged or single not in self.deltas):
             w = self.merged.get(single, self.base.weight)
             return F.linear(x, w, self.base.bias)
-        hot = [e for e in segments.experts if e in self.merged]
-        if not hot:
-            y = self.base(x)
-            present = {e: self.deltas[e] for e in segments.experts if e in self.deltas}
-            if present:
-                delta_matmul(x, _restrict(segments, present), present, y)
-            return y
-        xs = segments.gather(x)  # [T, in], experts contiguous
-        ys = xs.new_empty(xs.shape[0], self.base.out_features)
-        for e, s, t in segments:
-            if e in self.merged:
-                ys[s:t] = F.linear(xs[s:t], self.merged[e], self.base.bias)
-            else:
-                ys[s:t] = self.base(xs[s:t])
-                if e in self.deltas:
-                    ys[s:t] += self.deltas[e].matmul(xs[s:t]).to(ys.dtype)
-        return segments.scatter(ys)
+        # Mixed batch: one pass over the base weight for every row, then each expert's delta on its
+        # rows. Merged weights are not used here: they would read one full weight copy per expert.
+        y = self.base(x)
+        present = {e: self.deltas[e] for e in segments.experts if e in self.deltas}
+        if present:
+            delta_matmul(x, _restrict(segments, present), present, y)
+        return y
 
 
 def _restrict(segments: Segments, present: dict[int, Delta]) -> Segments:
