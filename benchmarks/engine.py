@@ -202,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     # resident memory: base weights + experts (compressed tier; the merged hot tier separately)
     full = 4 * p_all
     for n in (1, 3, 16):
-        eng = Engine(store16, base, tok, EngineConfig(max_batch=1, max_merged=0, delta_cache=None), check_base=False)
-        for name in names16[:n]:
-            eng.pool.pin(name)
-        results["memory_bytes"][str(n)] = {"engine": full + eng.pool.resident_bytes(), "full_models": n * full,
-                                           "experts_resident": eng.pool.resident_bytes()}
-        del eng
+        row = {"full_models": n * full}
+        for label, cache in (("packed", None), ("packed+int4", "int4")):
+            eng = Engine(store16, base, tok, EngineConfig(max_batch=1, max_merged=0, delta_cache=cache),
+                         check_base=False)
+            for name in names16[:n]:
+                eng.pool.pin(name)
+            row[label] = full + eng.pool.resident_bytes()
+            del eng
+        row["engine"] = row["packed"]
+        results["memory_bytes"][str(n)] = row
 
     zoo_experts = {n: Path(src.expert_meta(n)["meta"]["reference_path"]) for n in names3}
     if all(p.is_dir() for p in zoo_experts.values()):
@@ -243,11 +247,13 @@ def report(r: dict) -> None:
                 cells.append(f"{rate:.1f} ({rate / base:.2f}x; {lim['achieved']:.0%} of {lim['regime']} limit)")
             print(f"| {case} | " + " | ".join(cells) + " |")
         print()
-    print("## resident memory (fp32 base + compressed experts) vs as many full fp32 models\n")
-    print("| experts | engine | full models | ratio |\n|---|---|---|---|")
+    print("## resident memory: fp32 base + experts (packed codes; + the int4 cache of the default policy) "
+          "vs as many full fp32 models\n")
+    print("| experts | packed | ratio | packed + int4 | ratio | full models |\n|---|---|---|---|---|---|")
     for n, m in r["memory_bytes"].items():
-        print(f"| {n} | {m['engine'] / 2**20:.0f} MiB | {m['full_models'] / 2**20:.0f} MiB | "
-              f"{m['full_models'] / m['engine']:.2f}x |")
+        print(f"| {n} | {m['packed'] / 2**20:.0f} MiB | {m['full_models'] / m['packed']:.2f}x | "
+              f"{m['packed+int4'] / 2**20:.0f} MiB | {m['full_models'] / m['packed+int4']:.2f}x | "
+              f"{m['full_models'] / 2**20:.0f} MiB |")
     loads = sorted(ms for v in r["load_ms"].values() for lst in v.values() for ms in lst)
     merges = sorted(ms for lst in r.get("merge_ms", {}).values() for ms in lst)
     if loads:

@@ -78,10 +78,13 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     lead = packed.shape[:-1]
     rows, groups = math.prod(lead), -(-n // _GROUP)
     split = F.pad(packed.reshape(rows, width), (0, groups * bits - width)).view(rows, groups, bits)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # 1, 2, 4 bits: no code straddles a byte, so stay in uint8 (8x less memory traffic)
+        codes = torch.stack([(split[..., j * bits // 8] >> (j * bits % 8)) & mask for j in range(_GROUP)], dim=-1)
+        return codes.reshape(rows, groups * _GROUP)[:, :n].reshape(*lead, n).contiguous()
     word = torch.zeros(rows, groups, dtype=torch.int64, device=packed.device)
     for m in range(bits):
         word |= split[..., m].to(torch.int64) << (8 * m)
-    mask = (1 << bits) - 1
     codes = torch.stack([(word >> (j * bits)) & mask for j in range(_GROUP)], dim=-1)  # [rows, groups, 8]
     codes = codes.to(torch.uint8).reshape(rows, groups * _GROUP)[:, :n]
     return codes.reshape(*lead, n).contiguous()

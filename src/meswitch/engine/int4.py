@@ -76,7 +76,7 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
     shift = 8 - math.ceil(m)
     z = (math.ceil(m) - m) * s if zero is None else math.ceil(m) * s + zero.float()
     q = torch.zeros(out, n, dtype=torch.int32)
-    q[:, rest_idx] = codes.to(torch.int32) + shift
+    q.index_copy_(1, rest_idx, codes.to(torch.int32).add_(shift))
     x_scale = torch.zeros(n)
     x_scale[rest_idx] = col_scale.float() if col_scale is not None else 1.0
     sz = torch.stack([s, z], -1)[None].expand(n // g, out, 2).contiguous().to(torch.bfloat16)
