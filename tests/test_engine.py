@@ -13,6 +13,7 @@ from meswitch.engine.errors import (
     BudgetError,
     ContextLengthError,
     InvalidRequestError,
+    PromptTooLongError,
     RoutingUnavailableError,
     UnknownModelError,
 )
@@ -255,6 +256,10 @@ def test_bad_requests_get_specific_errors(models, quantized, smollm_tokenizer):
         eng.add_request(Request(prompt="hi", params=SamplingParams(max_tokens=64)))
     with pytest.raises(RoutingUnavailableError):
         eng.add_request(Request(prompt="hi", expert="auto"))
+    capped = _engine(quantized, base, smollm_tokenizer, max_prompt_tokens=5)
+    with pytest.raises(PromptTooLongError, match="at most 5 prompt tokens"):
+        capped.add_request(Request(prompt="word " * 6, params=SamplingParams(max_tokens=1)))
+    capped.add_request(Request(prompt="word word", params=SamplingParams(max_tokens=1)))
     for bad in [{"max_tokens": 0}, {"max_tokens": -3}, {"temperature": -1}, {"top_p": 0},
                 {"top_p": float("nan")}, {"stop": [""]}, {"seed": "x"}]:
         with pytest.raises(InvalidRequestError):

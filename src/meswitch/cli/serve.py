@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's, "
                                                    "at most 4096)")
+    p.add_argument("--max-prompt-tokens", type=int, help="largest prompt in tokens (default: the context)")
     p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="413 above this (default 1 MiB)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="408 if a body takes longer (seconds)")
@@ -31,7 +32,7 @@ def engine_config(args: argparse.Namespace):
     from meswitch.engine import EngineConfig
 
     return EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
-                        max_waiting=max(args.max_concurrency, 1), max_resident_bytes=args.max_resident_bytes)
+                        max_prompt_tokens=args.max_prompt_tokens, max_waiting=max(args.max_concurrency, 1), max_resident_bytes=args.max_resident_bytes)
 
 
 def server_config(args: argparse.Namespace):

@@ -300,18 +300,5 @@ class BackgroundEngine:
 
 
 def _admitted(engine: Engine, request_id: str) -> tuple[str | None, Route | None]:
-    """The expert and route of a just-added request.
-
-    The engine has no public accessor for this yet; it is the last waiting sequence right after
-    ``add_request`` (the only thing that could have run in between is this thread).
-    """
-    describe = getattr(engine, "describe_request", None)
-    if describe is not None:
-        return describe(request_id)
-    waiting = getattr(engine, "_waiting", None)
-    if waiting:
-        seq = waiting[-1]
-        if seq.req.request_id == request_id:
-            expert = None if seq.expert < 0 else engine.pool.names[seq.expert]
-            return expert, seq.route
-    return None, None
+    """The expert and route of a just-added request (called on the engine thread, right after ``add_request``)."""
+    return engine.describe_request(request_id)

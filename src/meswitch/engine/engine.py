@@ -24,6 +24,7 @@ from meswitch.engine.errors import (
     ContextLengthError,
     EngineOverloadedError,
     InvalidRequestError,
+    PromptTooLongError,
     RoutingUnavailableError,
 )
 from meswitch.engine.experts import ExpertPool
@@ -37,7 +38,8 @@ from meswitch.store import DeltaStore
 class EngineConfig:
     """Limits and residency policy.
 
-    ``max_context`` None: the model's, capped at 4096. ``max_resident_bytes``: budget for experts'
+    ``max_context`` None: the model's, capped at 4096; ``max_prompt_tokens`` None: only the context
+    limits prompts. ``max_resident_bytes``: budget for experts'
     deltas in memory (None: unlimited); others are loaded from the store on demand, least recently
     used out first. ``max_merged``: experts that may also keep merged ``W_base + delta`` weights (a
     full copy of the linear weights each), given to an expert once it has had the batch to itself for
@@ -49,6 +51,7 @@ class EngineConfig:
 
     max_batch: int = 16
     max_context: int | None = None
+    max_prompt_tokens: int | None = None
     max_waiting: int = 1024
     max_resident_bytes: int | None = None
     max_merged: int = 3
@@ -349,6 +352,8 @@ class Engine:
             raise InvalidRequestError(f"expected a Request, got {type(r).__name__}")
         text, ids = self._tokenize(r)
         p = r.params
+        if self.config.max_prompt_tokens is not None and len(ids) > self.config.max_prompt_tokens:
+            raise PromptTooLongError(len(ids), self.config.max_prompt_tokens)
         if len(ids) + p.max_tokens > self.max_context:
             raise ContextLengthError(len(ids), p.max_tokens, self.max_context)
         route = None

@@ -24,6 +24,16 @@ class ContextLengthError(InvalidRequestError):
         )
 
 
+class PromptTooLongError(ContextLengthError):
+    """The prompt alone has more tokens than the engine's ``max_prompt_tokens``."""
+
+    def __init__(self, prompt_tokens: int, limit: int):
+        self.prompt_tokens, self.max_tokens, self.max_context = prompt_tokens, 0, limit
+        InvalidRequestError.__init__(
+            self, f"the prompt has {prompt_tokens} tokens; this server accepts at most {limit} prompt tokens"
+        )
+
+
 class UnknownModelError(InvalidRequestError, LookupError):
     """A request names an expert that the store does not hold."""
 
