@@ -31,8 +31,8 @@ def test_from_store_loads_the_recorded_base_and_matches_a_direct_engine(saved, s
     r = Request(prompt="Hello", expert="b", params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     direct = Engine(store, tiny_base(), smollm_tokenizer, EngineConfig())
     assert eng.generate(r)[0].token_ids == direct.generate(r)[0].token_ids
+    save_checkpoint(tiny_base(seed=5), smollm_tokenizer, root / "other", {"role": "base"})
     with pytest.raises(BaseMismatchError):
-        save_checkpoint(tiny_base(seed=5), smollm_tokenizer, root / "other", {"role": "base"})
         Engine.from_store(root / "store", base=root / "other")
 
 

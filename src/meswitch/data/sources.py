@@ -19,7 +19,7 @@ import json
 import random
 import re
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from meswitch.data.examples import Example
@@ -66,19 +66,28 @@ def codeio_examples() -> list[Example]:
     return out
 
 
-def _stdlib_functions(path: Path) -> list[Example]:
+def public_functions(path: Path) -> Iterator[tuple[ast.FunctionDef, str, list[str]]]:
+    """``(node, docstring, source lines)`` of each documented public top-level function of a Python file.
+
+    A file that cannot be read or parsed yields nothing.
+    """
     try:
         src = path.read_text(encoding="utf-8")
         tree = ast.parse(src)
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return []
+        return
     lines = src.splitlines()
-    out = []
     for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc or node.end_lineno is None:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc:
+                yield node, doc, lines
+
+
+def _stdlib_functions(path: Path) -> list[Example]:
+    out = []
+    for node, doc, lines in public_functions(path):
+        if node.end_lineno is None:
             continue
         body = "\n".join(lines[node.lineno - 1 : node.end_lineno])
         if not 120 <= len(body) <= 2500:

@@ -17,7 +17,6 @@ Out-of-source sets are built from material the router never trains on, under eit
 
 from __future__ import annotations
 
-import ast
 import json
 import random
 import re
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from meswitch.data.examples import Example
+from meswitch.data.sources import public_functions
 
 # Math generators a broad training mix may use; every other math generator below is held out.
 TRAIN_MATH_GENERATORS = (
@@ -92,18 +92,9 @@ def generator_examples(names: tuple[str, ...], n: int, seed: int, domain: str = 
 
 def function_stubs(path: Path, source: str) -> list[Example]:
     """Bare stubs of the public top-level functions of one file: ``def`` line + docstring, no body."""
-    try:
-        src = path.read_text(encoding="utf-8")
-        tree = ast.parse(src)
-    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
-        return []
-    lines = src.splitlines()
     out = []
-    for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc or len(doc) < 40:
+    for node, doc, lines in public_functions(path):
+        if len(doc) < 40:
             continue
         sig = lines[node.lineno - 1].rstrip()
         if not sig.endswith(":"):  # multi-line signature: keep it whole
