@@ -9,7 +9,7 @@ STAMP := $(VENV)/.meswitch-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint zoo-small clean
+.PHONY: setup demo test bench lint zoo-small clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q -rs
+
+# Every benchmark on the full zoo (built or reused, then compressed into STORE), then docs/RESULTS.md
+# with its tables and plots; about 45 minutes with the zoo cached. BENCH_ARGS="--only engine,router".
+bench: setup
+	$(BIN)/python benchmarks/run_all.py --store $(STORE) $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

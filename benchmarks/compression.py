@@ -6,6 +6,7 @@ and without distillation), and the default setting. Prints a table, writes JSON 
 (KL and perplexity ratio against effective bits per delta parameter).
 
     python benchmarks/compression.py [--zoo full|small] [--json] [--distill-steps N] [--limit N]
+                                     [--settings rtn-2,salient-2,default ...]
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def method_of(label: str) -> str:
     return base + ("+distill" if "distill" in label else "")
 
 
-def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None) -> dict:
+def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
+        only: list[str] | None = None) -> dict:
     import torch
 
     from meswitch.compress.config import CompressConfig
@@ -80,6 +82,8 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None) -> 
         states = reference_states(expert, padded_batches(held_out, tok, 512, 4))
         act = expert_act_sq(expert, tok, calib, CompressConfig())
         for label, over in settings(distill_steps):
+            if only and label not in only:
+                continue
             cfg = CompressConfig(**over)
             student = copy.deepcopy(base0)
             t0 = time.perf_counter()
@@ -169,9 +173,14 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=20)
     ap.add_argument("--limit", type=int, default=12, help="held-out examples per expert")
     ap.add_argument("--experts", nargs="*", help="subset of experts (default: all)")
+    ap.add_argument("--settings", help="comma-separated subset of the settings (default: all of them)")
     ap.add_argument("--json", action="store_true", help="print the result JSON to stdout")
     args = ap.parse_args()
-    result = run(args.zoo, args.distill_steps, args.limit, args.experts)
+    only = args.settings.split(",") if args.settings else None
+    known = [label for label, _ in settings(args.distill_steps)]
+    if only and (unknown := sorted(set(only) - set(known))):
+        ap.error(f"unknown settings {unknown}; known: {', '.join(known)}")
+    result = run(args.zoo, args.distill_steps, args.limit, args.experts, only)
     out = results_dir()
     path = out / f"compression_{args.zoo}.json"
     if args.experts and path.is_file():  # a partial run replaces only its experts' rows

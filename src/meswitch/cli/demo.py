@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per demo answer")
     p.add_argument("--once", action="store_true", help="exit after the table (also: DEMO_ONCE=1)")
     p.add_argument("--no-build", action="store_true", help="serve the store as it is: no zoo build, no compression")
+    p.add_argument("--prepare", action="store_true",
+                   help="build the zoo, compress and train the router, then exit without serving (make bench)")
     p.set_defaults(func=cmd_demo)
 
 
@@ -176,6 +178,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_build:
         build_store(args.size, store)
     routed = ensure_router(store)
+    if args.prepare:
+        _say(f"prepared {store}" + (" (with its router)" if routed else ""))
+        return 0
     _say(f"server: loading {store}")
     engine = Engine.from_store(store, router="auto" if routed else None)
     app = create_app(engine, ServerConfig())

@@ -1,0 +1,48 @@
+"""Memory projections for real model sizes: shapes checked against the models' published totals."""
+
+import pytest
+
+from meswitch.eval.projection import (
+    MODELS,
+    GiB,
+    base_bytes,
+    expert_bytes,
+    experts_that_fit,
+    full_models_bytes,
+    full_models_that_fit,
+    store_bytes,
+)
+
+# Parameter counts the model cards publish (billions, rounded as they round them).
+PUBLISHED = {"Llama-2-7B": 6.74, "Mistral-7B": 7.24, "Llama-2-13B": 13.02, "Llama-3-8B": 8.03}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shapes_give_the_published_parameter_counts(name):
+    assert MODELS[name].params / 1e9 == pytest.approx(PUBLISHED[name], abs=0.01)
+
+
+def test_mistral_linear_parameters_by_hand():
+    # 32 blocks x (q 4096x4096 + o 4096x4096 + k,v 4096x1024 each + gate,up,down 4096x14336 each).
+    per_block = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    assert MODELS["Mistral-7B"].linear_params == 32 * per_block
+
+
+def test_expert_bytes_scale_with_bits_and_embedding_deltas():
+    m = MODELS["Mistral-7B"]
+    assert expert_bytes(m, 2.0) == m.linear_params // 4
+    assert expert_bytes(m, 4.0) == 2 * expert_bytes(m, 2.0)
+    assert expert_bytes(m, 2.0, embedding_delta=True) == expert_bytes(m, 2.0) + 2 * 2 * 32000 * 4096
+    with pytest.raises(ValueError, match="positive"):
+        expert_bytes(m, 0)
+
+
+def test_store_and_capacity():
+    m = MODELS["Llama-2-7B"]
+    assert store_bytes(m, 0, 2.0) == base_bytes(m) == 2 * m.params
+    assert full_models_bytes(m, 3) == 3 * base_bytes(m)
+    n = experts_that_fit(m, 80 * GiB, 2.0)
+    assert store_bytes(m, n, 2.0) <= 80 * GiB < store_bytes(m, n + 1, 2.0)
+    assert experts_that_fit(m, base_bytes(m) - 1, 2.0) == 0
+    # 16-bit experts: whole models, about 6 in 80 GB.
+    assert full_models_that_fit(m, 80 * GiB) == 6
