@@ -466,9 +466,12 @@ def plot_confusion(router: list[dict], path: Path) -> None:
 def run_lines(run: dict | None) -> list[str]:
     if not run:
         return []
-    rows = [[s["name"], s["status"], f"{s['seconds']:.0f}", f"`{s['command']}`"] for s in run["steps"]]
-    return ["### How this report was made", "", f"`make bench` ({run['total_s'] / 60:.1f} min in all):", "",
-            md_table(["benchmark", "status", "seconds", "command"], rows), ""]
+    rows = [[s["name"], s["status"], f"{s['seconds']:.0f}", s.get("finished", "-"), f"`{s['command']}`"]
+            for s in run["steps"]]
+    total = sum(s["seconds"] for s in run["steps"])
+    return ["### How this report was made", "",
+            f"`make bench`: {total / 60:.1f} min of benchmarks (the steps' own times, summed):", "",
+            md_table(["benchmark", "status", "seconds", "finished", "command"], rows), ""]
 
 
 def build_report(res: dict, results: Path, summary: dict | None) -> str:

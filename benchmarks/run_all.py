@@ -74,7 +74,20 @@ def run_step(step: Step, log_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     status = "ok" if rc == 0 else f"failed (exit {rc}; see {log})"
     print(f"=== {step.name}: {status} in {seconds / 60:.1f} min", flush=True)
-    return {"name": step.name, "status": status, "seconds": seconds, "command": cmd}
+    return {"name": step.name, "status": status, "seconds": seconds, "command": cmd,
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def merge_steps(path: Path, done: list[dict], names: list[str]) -> list[dict]:
+    """This run's steps, plus the previous run's record of the steps it left out (``--only``/``--skip``)."""
+    previous = {}
+    if path.is_file():
+        try:
+            previous = {s["name"]: s for s in json.loads(path.read_text()).get("steps", [])}
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+            previous = {}
+    now = {s["name"]: s for s in done}
+    return [now.get(n) or previous[n] for n in names if n in now or n in previous]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     done = [run_step(s, log_dir) for s in plan if s.name in chosen]
-    record = {"steps": done, "total_s": time.perf_counter() - t0, "store": str(args.store)}
+    record = {"steps": merge_steps(args.results / "bench_run.json", done, names),
+              "total_s": time.perf_counter() - t0, "store": str(args.store)}
     (args.results / "bench_run.json").write_text(json.dumps(record, indent=2))
     report = subprocess.run([sys.executable, str(HERE / "report.py"), "--store", str(args.store),
                              "--results", str(args.results), "--out", str(args.report)])

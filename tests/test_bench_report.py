@@ -105,6 +105,12 @@ def test_runner_reports_failed_and_skipped_steps(tmp_path, monkeypatch, capsys):
     assert "FAILED: bad" in capsys.readouterr().out
     # the report is still written, and it lists the run
     assert "| bad | failed (exit 3" in out.read_text()
+    # a later run of one step replaces that step's record and keeps the others'
+    plan[1] = run_all.Step("bad", [py, "-c", "pass"])
+    assert run_all.main(["--results", str(tmp_path), "--report", str(out), "--store", str(tmp_path / "none"),
+                         "--only", "bad"]) == 0
+    status = {s["name"]: s["status"] for s in json.loads((tmp_path / "bench_run.json").read_text())["steps"]}
+    assert status == {"good": "ok", "bad": "ok", "optional": "skipped (no_such_module_xyz not installed)"}
 
 
 def test_runner_rejects_unknown_steps(capsys):
