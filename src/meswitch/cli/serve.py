@@ -1,4 +1,8 @@
-"""``meswitch serve STORE``: the OpenAI-compatible HTTP server (needs the ``serve`` extra)."""
+"""``meswitch serve STORE``: the OpenAI-compatible HTTP server (needs the ``serve`` extra).
+
+``--ray`` serves the same API from Ray Serve over N engine replicas (needs the ``ray`` extra;
+docs/ray.md).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-resident-bytes", type=int, help="memory budget for expert deltas (default: no limit)")
     p.add_argument("--no-router", action="store_true", help="serve without routing even if the store has a router")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    r = p.add_argument_group("Ray Serve (docs/ray.md)")
+    r.add_argument("--ray", action="store_true", help="serve on Ray Serve: the ingress and router over engine replicas")
+    r.add_argument("--replicas", type=int, default=1, help="engine replicas, each with the base loaded (default 1)")
+    r.add_argument("--experts-per-replica", type=int, help="experts a replica holds at once (default: all); "
+                                                           "requests go to a replica holding theirs")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica (default 1)")
+    r.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -43,7 +54,24 @@ def server_config(args: argparse.Namespace):
                         body_timeout_s=args.body_timeout)
 
 
+def ray_config(args: argparse.Namespace):
+    from meswitch.ray_app.config import RayAppConfig
+
+    return RayAppConfig(
+        store=str(args.store), base=None if args.base is None else str(args.base), replicas=args.replicas,
+        experts_per_replica=args.experts_per_replica, replica_cpus=args.replica_cpus, router=not args.no_router,
+        max_ongoing_requests=max(args.max_batch * 2, 1), max_batch=args.max_batch, max_context=args.max_context,
+        max_prompt_tokens=args.max_prompt_tokens, max_resident_bytes=args.max_resident_bytes, api_key=args.api_key,
+        max_tokens=args.max_tokens, max_pending=args.max_concurrency, max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from meswitch.ray_app.launch import run
+
+        run(ray_config(args), host=args.host, port=args.port, address=args.ray_address)
+        return 0
     import uvicorn
 
     from meswitch.engine import Engine

@@ -172,8 +172,12 @@ class OpenAIServing:
 
     # ---- plumbing ------------------------------------------------------------------------------
 
+    def _headers(self, handle: RequestHandle) -> dict[str, str]:
+        """Response headers naming who answered (a subclass may add its own, e.g. the replica)."""
+        return {EXPERT_HEADER: handle.expert or "base"}
+
     def _json(self, handle: RequestHandle, body: BaseModel) -> JSONResponse:
-        return JSONResponse(body.model_dump(), headers={EXPERT_HEADER: handle.expert or "base"})
+        return JSONResponse(body.model_dump(), headers=self._headers(handle))
 
     async def _wait(self, handle: RequestHandle, watcher: asyncio.Task[None], endpoint: str) -> Completion:
         """The completion (``watcher`` cancels the request if the client disconnects first)."""
@@ -199,7 +203,7 @@ class OpenAIServing:
                 watcher.cancel()
                 handle.cancel()
 
-        headers = {EXPERT_HEADER: handle.expert or "base", "cache-control": "no-cache"}
+        headers = {**self._headers(handle), "cache-control": "no-cache"}
         return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)
 
     async def _chat_chunks(self, handle: RequestHandle, body: P.ChatCompletionRequest) -> AsyncIterator[str]:
