@@ -152,6 +152,34 @@ def test_errors_have_the_single_process_shape(ray_url, local_url, body, status, 
     assert set(got.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def _replica_info(replica: str, expert: str) -> dict:
+    """``info()`` of engine replica ``replica`` (asked through Serve, which picks among the holders of ``expert``)."""
+    engines = serve.get_deployment_handle("MeswitchEngine", app_name="meswitch").options(multiplexed_model_id=expert)
+    for _ in range(50):
+        info = engines.info.remote().result(timeout_s=30)
+        if info["replica"] == replica:
+            return info
+    raise AssertionError(f"Serve never routed info() to replica {replica}")
+
+
+def test_a_client_that_leaves_frees_its_slot_on_the_replica(ray_url):
+    with httpx.stream("POST", ray_url + "/v1/completions", timeout=30, json={
+            "model": "general", "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}) as r:
+        assert r.status_code == 200
+        replica = r.headers["x-meswitch-replica"]
+        next(r.iter_lines())  # one event, then hang up
+    before = _replica_info(replica, "general")["stats"]["generated_tokens"]  # ~200 tokens take > 1 s here
+    deadline = time.monotonic() + 30
+    while True:
+        info = _replica_info(replica, "general")
+        if (info["stats"]["running"] == 0 and info["pending"] == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert info["stats"]["running"] == 0 and info["pending"] == 0
+    assert info["stats"]["generated_tokens"] - before < 150  # cancelled well before its 200 tokens
+
+
 def _replica_actor(replica_id: str):
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(replica_id)]
     assert len(names) == 1, names
@@ -231,3 +259,24 @@ def test_example_serve_config_deploys_this_builder():
     assert app["import_path"] == "meswitch.ray_app:build_app"
     RayAppConfig.from_dict(app["args"])
 
+
+
+def test_capacity_arithmetic_for_mistral_7b():
+    from meswitch.ray_app.capacity import (
+        GIB,
+        MISTRAL_7B,
+        expert_bytes,
+        kv_cache_bytes,
+        max_experts_per_replica,
+        plan,
+    )
+
+    assert MISTRAL_7B.params == 7_241_732_096  # the published parameter count
+    assert MISTRAL_7B.linear_params == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert kv_cache_bytes(MISTRAL_7B, 1, 1) == 128 * 1024  # 2 x 32 layers x 8 heads x 128 x 2 bytes
+    e = expert_bytes(MISTRAL_7B, 2.0)
+    assert e == MISTRAL_7B.linear_params // 4 + 2 * MISTRAL_7B.norm_params
+    p = plan(MISTRAL_7B, 1000, 16, 2.0, kv_bytes=0)
+    assert (p.k, p.replicas, p.experts_bytes) == (16, 63, 16 * e)
+    k = max_experts_per_replica(MISTRAL_7B, 2.0, 80 * GIB, 0)
+    assert 2 * MISTRAL_7B.params + k * e <= 80 * GIB < 2 * MISTRAL_7B.params + (k + 1) * e

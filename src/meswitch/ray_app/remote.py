@@ -117,6 +117,7 @@ class RemoteEngine:
     async def _pump(self, request: Request, handle: RemoteHandle, admitted: Future[Admitted]) -> None:
         """Route, send to a replica holding the expert, and hand its stream to ``handle``."""
         stream = None
+        ended = False  # the replica sent the completion (or refused): nothing left to cancel there
         try:
             route = await self._route(request)
             if route is not None:
@@ -125,6 +126,7 @@ class RemoteEngine:
             stream = self.replicas.options(stream=True, multiplexed_model_id=request.expert).generate.remote(request)
             async for msg in stream:
                 if isinstance(msg, RemoteError):
+                    ended = True
                     admitted.set_exception(msg.exception())
                     return
                 if isinstance(msg, Accepted):
@@ -133,8 +135,9 @@ class RemoteEngine:
                 elif isinstance(msg, StreamEvent):
                     if msg.completion is not None and route is not None:
                         msg = dataclasses.replace(msg, completion=dataclasses.replace(msg.completion, route=route))
+                    ended = msg.finished
                     handle._push(msg)
-                    if msg.finished:
+                    if ended:
                         return
             raise EngineStoppedError("the replica's stream ended before the request finished")
         except asyncio.CancelledError:
@@ -144,7 +147,7 @@ class RemoteEngine:
             log.warning("request %s failed on its replica: %s: %s", handle.request_id, type(exc).__name__, exc)
             self._end(handle, admitted, "error", exc)
         finally:
-            if stream is not None and not handle.finished:
+            if stream is not None and not ended:  # e.g. the client left: stop the replica's generation
                 with contextlib.suppress(Exception):
                     stream.cancel()
             self._pending -= 1
