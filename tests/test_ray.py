@@ -118,6 +118,8 @@ def test_models_and_health(ray_url, local_url):
     assert sorted(m.id for m in client(ray_url).models.list().data) == sorted([*EXPERTS, "auto"])
     r = httpx.get(ray_url + "/health", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["routing"] is True
+    m = httpx.get(ray_url + "/metrics", timeout=30)
+    assert m.status_code == 200 and "meswitch_http_responses_total" in m.text
 
 
 def test_mixed_traffic_matches_the_single_process_server_on_both_replicas(ray_url, local_url):
@@ -133,6 +135,9 @@ def test_mixed_traffic_matches_the_single_process_server_on_both_replicas(ray_ur
     for g in got:
         by_expert.setdefault(g["expert"], set()).add(g["replica"])
     assert set(by_expert) == set(EXPERTS)
+    for replica in {g["replica"] for g in got}:  # Ray Serve keeps at most K=2 experts on each replica
+        expert = next(e for e, rs in by_expert.items() if replica in rs)
+        assert len(_replica_info(replica, expert)["stats"]["experts"]["pinned"]) <= 2
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [
