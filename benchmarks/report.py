@@ -187,7 +187,7 @@ def memory_section(engine: dict | None, summary: dict | None, bits: float | None
 def projection_section(bits: float) -> list[str]:
     out = [f"### Projection to real model sizes at the measured {bits:.3f} bits per parameter", "",
            "Weights only (KV cache and activations come on top); the base in 16 bit; every block's linear "
-           "layers carry a delta at the measured rate; embeddings and lm_head are the base's (a fine-tune "
+           "layers carry a delta at the measured rate and its norms a 16-bit delta; embeddings and lm_head are the base's (a fine-tune "
            "that changes them adds a 16-bit embedding delta, last column). Shapes from the models' "
            "published configs (`meswitch.eval.projection`); 1 GiB = 2^30 bytes.", ""]
     head = ["model", "params", "base", "per expert"] + [f"base + {n}" for n in PROJECTED_N] + \

@@ -30,9 +30,11 @@ def test_mistral_linear_parameters_by_hand():
 
 def test_expert_bytes_scale_with_bits_and_embedding_deltas():
     m = MODELS["Mistral-7B"]
-    assert expert_bytes(m, 2.0) == m.linear_params // 4
-    assert expert_bytes(m, 4.0) == 2 * expert_bytes(m, 2.0)
+    norms = 2 * (2 * 32 + 1) * 4096  # fp16 deltas of 2 norms per block and the final one
+    assert expert_bytes(m, 2.0) == m.linear_params // 4 + norms
+    assert expert_bytes(m, 4.0) - norms == 2 * (expert_bytes(m, 2.0) - norms)
     assert expert_bytes(m, 2.0, embedding_delta=True) == expert_bytes(m, 2.0) + 2 * 2 * 32000 * 4096
+    assert expert_bytes(m, 2.0, int4_cache=True) == expert_bytes(m, 2.0) + m.linear_params // 2
     with pytest.raises(ValueError, match="positive"):
         expert_bytes(m, 0)
 

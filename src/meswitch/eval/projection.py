@@ -6,8 +6,9 @@ in an accelerator of a given size. Weights only: the KV cache and activations co
 
 Assumptions, stated once: the base is held in 16 bit; an expert is a delta on every linear layer of
 every block, stored at ``bits_per_param`` (the measured effective rate, salient columns and step
-sizes included); embeddings, ``lm_head`` and norms are the base's (``embedding_delta=True`` counts
-them as a 16-bit delta per expert instead, for fine-tunes that change them).
+sizes included), plus its norms as 16-bit deltas; embeddings and ``lm_head`` are the base's
+(``embedding_delta=True`` counts them as a 16-bit delta per expert instead, for fine-tunes that
+change them).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ GiB = 1024**3
 class ModelShape:
     """A decoder-only transformer's shape (Llama / Mistral layout: q, k, v, o, gate, up, down)."""
 
-    name: str
     hidden: int
     intermediate: int
     layers: int
@@ -30,11 +30,15 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = False
+    name: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
 
     @property
     def linear_params_per_layer(self) -> int:
-        head_dim = self.hidden // self.heads
-        kv = self.kv_heads * head_dim
+        kv = self.kv_heads * self.head_dim
         attention = 2 * self.hidden * self.hidden + 2 * self.hidden * kv
         return attention + 3 * self.hidden * self.intermediate
 
@@ -61,10 +65,10 @@ class ModelShape:
 MODELS: dict[str, ModelShape] = {
     s.name: s
     for s in (
-        ModelShape("Llama-2-7B", hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
-        ModelShape("Mistral-7B", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000),
-        ModelShape("Llama-2-13B", hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40, vocab=32000),
-        ModelShape("Llama-3-8B", hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
+        ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, name="Llama-2-7B"),
+        ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000, name="Mistral-7B"),
+        ModelShape(hidden=5120, intermediate=13824, layers=40, heads=40, kv_heads=40, vocab=32000, name="Llama-2-13B"),
+        ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256, name="Llama-3-8B"),
     )
 }
 
@@ -74,14 +78,26 @@ def base_bytes(shape: ModelShape, base_bits: int = 16) -> int:
     return shape.params * base_bits // 8
 
 
-def expert_bytes(shape: ModelShape, bits_per_param: float, embedding_delta: bool = False) -> int:
-    """One compressed expert: its linear deltas at ``bits_per_param`` (+ 16-bit embedding deltas)."""
+def expert_bytes(shape: ModelShape, bits_per_param: float, embedding_delta: bool = False,
+                 int4_cache: bool = False) -> int:
+    """One compressed expert: linear deltas at ``bits_per_param`` and 16-bit norm deltas.
+
+    ``embedding_delta``: plus 16-bit embedding and ``lm_head`` deltas; ``int4_cache``: plus the 4-bit
+    copy of the linear deltas the CPU engine keeps for its fused kernel.
+    """
     if bits_per_param <= 0:
         raise ValueError(f"bits_per_param must be positive, got {bits_per_param}")
-    n = math.ceil(shape.linear_params * bits_per_param / 8)
+    n = math.ceil(shape.linear_params * bits_per_param / 8) + 2 * shape.norm_params
     if embedding_delta:
         n += shape.embedding_params * 2
+    if int4_cache:
+        n += shape.linear_params // 2
     return n
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, context: int, bytes_per_value: int = 2) -> int:
+    """Keys and values of every layer for ``batch`` sequences of ``context`` tokens."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * bytes_per_value * batch * context
 
 
 def store_bytes(shape: ModelShape, n_experts: int, bits_per_param: float, embedding_delta: bool = False) -> int:
