@@ -290,21 +290,17 @@ def load_section(load: dict | None) -> list[str]:
                             "latency p50 / p99 s", "tokens/s", "answered by its domain's expert"], rows), ""]
 
 
-def ray_section(ray: dict | None) -> list[str]:
+def ray_section(ray: dict | None, results: Path) -> list[str]:
     out = ["## Ray Serve scale-out", ""]
     if not ray:
         return out + ["Not measured: `python benchmarks/ray_scale.py`.", ""]
-    if ray.get("markdown"):
-        return out + [ray["markdown"].strip(), ""]
-    rows = ray.get("throughput") or ray.get("rows") or []
-    if rows and isinstance(rows, list) and isinstance(rows[0], dict):
-        head = list(rows[0])
-        out += [md_table(head, [[_fmt(r.get(k)) for k in head] for r in rows]), ""]
-    proj = ray.get("projection") or ray.get("projections")
-    if proj and isinstance(proj, list) and isinstance(proj[0], dict):
-        head = list(proj[0])
-        out += [md_table(head, [[_fmt(r.get(k)) for k in head] for r in proj]), ""]
-    return out
+    md = results / "ray_scale.md"  # the benchmark's own tables, written beside its JSON
+    if md.is_file():
+        body = [line for line in md.read_text().splitlines() if not line.startswith("# ")]
+        return out + body + [""]
+    rows = [[t["replicas"], t.get("torch_threads", "-"), t["completed"], t["errors"], f"{t['tokens_per_s']:.1f}",
+             f"{t['ratio_vs_1_replica']:.2f}x"] for t in ray.get("throughput", [])]
+    return out + [md_table(["replicas", "torch threads", "completed", "errors", "tokens/s", "vs 1 replica"], rows), ""]
 
 
 def _fmt(v: Any) -> str:
@@ -497,7 +493,7 @@ def build_report(res: dict, results: Path, summary: dict | None) -> str:
     lines += engine_section(res.get("engine"))
     lines += router_section(res.get("router"))
     lines += load_section(res.get("load"))
-    lines += ray_section(res.get("ray"))
+    lines += ray_section(res.get("ray"), results)
     return "\n".join(lines).rstrip() + "\n"
 
 
