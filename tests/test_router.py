@@ -25,7 +25,7 @@ from meswitch.router import (
 from meswitch.router.calibrate import expected_calibration_error, fit_temperature
 from meswitch.router.encoders import MAX_CHARS, clean_text
 from meswitch.router.eval import score_decisions
-from meswitch.router.head import head_logits, train_head
+from meswitch.router.head import head_logits, score_head, train_head
 from meswitch.router.train import RouterTrainConfig, resolve_domain_map, stratified_split, train_router
 from meswitch.store import DeltaStore
 
@@ -254,6 +254,17 @@ def test_head_separates_separable_data(kind):
     assert (head_logits(head, x).argmax(-1) == y).float().mean() > 0.98
 
 
+def test_score_head_recovers_the_bias_that_generated_the_labels():
+    g = torch.Generator().manual_seed(0)
+    scores = 3 * torch.randn(20_000, 3, generator=g)
+    bias = torch.tensor([1.5, -1.0, -0.5])
+    labels = torch.multinomial(torch.softmax(scores + bias, -1), 1, generator=g).squeeze(1)
+    head = score_head(scores, labels, 3, l2=0.0)
+    b = head["b"] - head["b"].mean()  # softmax ignores a shift common to every class
+    assert torch.allclose(b, bias - bias.mean(), atol=0.1)
+    assert torch.equal(head_logits(head, scores[:5]), scores[:5] + head["b"])
+
+
 def test_linear_head_is_the_affine_map_it_documents():
     head = {"mu": torch.tensor([1.0, 2.0]), "sigma": torch.tensor([2.0, 4.0]),
             "w": torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]), "b": torch.tensor([0.0, 1.0, 2.0])}
@@ -317,3 +328,39 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     bad.write_bytes(b'{"text": "caf\xe9", "domain": "general"}\n')
     assert main(["router", "train", str(store.path), "--data", str(bad)]) == 2
     assert "UTF-8" in capsys.readouterr().err
+
+
+# ---- training and evaluation text ----------------------------------------------------------------------
+def test_training_styles_share_nothing_with_the_out_of_source_sets():
+    from meswitch.router import augment, data
+
+    assert not set(data.TRAIN_MATH_GENERATORS) & set(data.EVAL_MATH_GENERATORS)
+    assert not set(augment.TRAIN_CONSTRAINTS) & set(data.EVAL_CONSTRAINTS)
+    general = [Example(f"Tell me about topic {i}.", "general", source="x") for i in range(50)]
+    made = augment.with_constraints(general, 40, seed=0)
+    assert len(made) == 40 and {e.domain for e in made} == {"general"}
+    for e in made:
+        tail = e.text.removeprefix(next(g.text for g in general if e.text.startswith(g.text))).strip()
+        assert tail and all(c not in tail for c in data.EVAL_CONSTRAINTS)
+        assert any(tail.startswith(c) for c in augment.TRAIN_CONSTRAINTS)
+
+
+def test_templated_styles_are_deterministic_and_labelled():
+    from meswitch.router import augment
+
+    for make, domain in ((lambda s: augment.analytic_math_questions(30, s), "math"),
+                         (lambda s: augment.prose_code_requests(["sort a list"], ["x = 1"], 30, s), "code"),
+                         (lambda s: augment.prose_general_requests(30, s), "general")):
+        a, b, c = make(0), make(0), make(1)
+        assert a == b and a != c and {e.domain for e in a} == {domain} and all(e.text.strip() for e in a)
+
+
+@pytest.mark.parametrize(("text", "is_code"), [
+    ("How do I implement a hexagonal architecture in c++", True), ("Write it in C#, please", True),
+    ("Explain golang channels", True), ("Tell me about the island of Java", True),
+    ("What is a javanese dish?", False), ("Plan a trip to Rome", False),
+])
+def test_the_out_of_source_language_filter_sees_cpp_and_csharp(text, is_code):
+    from meswitch.router.data import _CODE_LANG
+
+    assert bool(_CODE_LANG.search(text)) is is_code

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meswitch.router.encoders import MiniLMEncoder, first_blocks, mean_pool
+from meswitch.router.encoders import LLMChoiceEncoder, MiniLMEncoder, domain_prefix, first_blocks, mean_pool
 from tests.conftest import tiny_llama
 
 TEXTS = ["What is 12 times 7?", "def f(x):\n    return x + 1", "Good morning! How are you today, my friend?"]
@@ -36,6 +36,56 @@ def test_minilm_int8_stays_close_to_fp32_and_keeps_neighbours():
     for emb in (fp32, int8):  # the arithmetic paraphrase is nearest the arithmetic question in both
         assert int((emb[:3] @ emb[3]).argmax()) == 0
     assert torch.allclose(int8.norm(dim=-1), torch.ones(len(probe)), atol=1e-5)
+
+
+def test_minilm_extra_layers_are_the_pooled_states_of_those_blocks():
+    from transformers import AutoModel, AutoTokenizer
+
+    from meswitch.router.encoders import minilm_path
+
+    plain = MiniLMEncoder(int8=False).encode(TEXTS)
+    both = MiniLMEncoder(int8=False, layers=[2, 4]).encode(TEXTS)
+    assert both.shape == (3, 3 * 384)
+    assert torch.allclose(both[:, :384], plain, atol=1e-6)  # the sentence embedding comes first, unchanged
+    tok, model = AutoTokenizer.from_pretrained(minilm_path()), AutoModel.from_pretrained(minilm_path()).eval()
+    for i, text in enumerate(TEXTS):  # one text at a time: no padding in the reference
+        with torch.no_grad():
+            hidden = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+        for j, block in enumerate([2, 4]):
+            want = torch.nn.functional.normalize(hidden[block][0].mean(0), dim=0)
+            assert torch.allclose(both[i, 384 * (j + 1) : 384 * (j + 2)], want, atol=1e-5)
+
+
+def test_minilm_refuses_a_block_it_does_not_have():
+    from meswitch.router import RouterError
+
+    with pytest.raises(RouterError, match="1..6"):
+        MiniLMEncoder(layers=[7])
+
+
+class _CharTokenizer:
+    """Byte-level ids below 128 (the tiny model's vocabulary); pads with 0."""
+
+    pad_token_id, eos_token_id = 0, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [1 + b % 127 for b in text.encode()]}
+
+
+def test_llm_choice_scores_match_one_unpadded_text_at_a_time():
+    model, tok = tiny_llama(layers=2), _CharTokenizer()
+    domains = ["code", "general", "math"]
+    enc = LLMChoiceEncoder(model, tok, domains, max_tokens=20)
+    texts = ["What is 12 times 7?", "hi", "def f(x): return x + 1 if x else None  # longer than 20"]
+    got = enc.encode(texts, batch_size=2)  # padded batches, sorted by length
+    for i, text in enumerate(texts):
+        t = tok(text)["input_ids"][:20]
+        for c, d in enumerate(domains):
+            p = tok(domain_prefix(d))["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0], -1)
+            want = torch.stack([logp[len(p) + k - 1, t[k]] for k in range(len(t))]).mean()
+            assert torch.allclose(got[i, c], want, atol=1e-4)
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3])
@@ -92,7 +142,6 @@ def test_base_model_encoders_train_save_and_load(small_store, small_zoo, kind):
     assert len(again.route(["word " * 200_000])) == 1
     if kind == "llm-choice":
         scores = router.encoder.encode(TEXTS)
-        assert scores.shape == (3, 3) and (scores <= 0).all()  # log-probabilities of the option letters
-        assert (torch.logsumexp(scores, -1) <= 1e-6).all()
+        assert scores.shape == (3, 3) and (scores <= 0).all()  # mean log-probabilities of the text's tokens
     else:
         assert router.encoder.layer == 2  # 2/3 of the small zoo's 4 blocks, rounded down

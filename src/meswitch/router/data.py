@@ -25,12 +25,20 @@ from pathlib import Path
 
 from meswitch.data.examples import Example
 from meswitch.data.sources import public_functions
+from meswitch.router.augment import (  # noqa: F401 (TRAIN_CONSTRAINTS: re-exported)
+    TRAIN_CONSTRAINTS,
+    analytic_math_questions,
+    prose_code_requests,
+    prose_general_requests,
+    with_constraints,
+)
 
 # Math generators a broad training mix may use; every other math generator below is held out.
 TRAIN_MATH_GENERATORS = (
     "basic_arithmetic", "simple_equations", "fraction_simplification", "gcd", "decimal_arithmetic",
     "polynomial_multiplication", "chain_sum", "power_function", "simple_geometry", "complex_arithmetic",
-    "decimal_chain_sum", "number_sequence", "time_intervals", "dice",
+    "decimal_chain_sum", "number_sequence", "time_intervals", "dice", "coin_flip", "puzzle24", "countdown",
+    "number_sorting", "base_conversion",
 )
 # Held out for out-of-source evaluation: never in any training mix.
 EVAL_MATH_GENERATORS = (
@@ -40,18 +48,6 @@ EVAL_MATH_GENERATORS = (
 # Third-party packages whose functions make the out-of-source code stubs (those installed are used).
 EVAL_STUB_PACKAGES = ("numpy", "sympy", "transformers", "torch", "sklearn", "matplotlib", "yaml", "rich", "tqdm")
 
-TRAIN_CONSTRAINTS = (
-    "Answer in at most 50 words.",
-    "Use exactly three bullet points.",
-    "Write your whole answer in lowercase letters.",
-    "End your answer with the phrase 'Is there anything else?'",
-    "Do not use any commas in your response.",
-    "Give two different answers separated by six asterisks ******.",
-    "Put a title in double angular brackets, like <<title>>.",
-    "Your answer must have 3 paragraphs separated by ***.",
-    "Respond in fewer than 4 sentences.",
-    "Highlight at least 2 sections with markdown, i.e. *highlighted section*.",
-)
 EVAL_CONSTRAINTS = (
     "Wrap your entire response in double quotation marks.",
     "Your response should contain at least 5 sentences.",
@@ -139,29 +135,31 @@ def _sharegpt_records(skip_bytes: int = 0) -> Iterator[tuple[str, str]]:
 
 # ------------------------------------------------------------------------------ training mixes
 def broad_training_examples(train: list[Example], n_per_style: int, seed: int) -> list[Example]:
-    """Styles the zoo's text lacks, made only from ``train`` itself and training-side generators.
+    """Styles the zoo's text lacks, made only from ``train`` itself, training-side generators and
+    meswitch's own templates (``meswitch.router.augment``).
 
-    math: questions of ``TRAIN_MATH_GENERATORS`` and short questions (``short_math_questions``);
-    code: the zoo's stdlib and CodeIO prompts without their "Implement this Python function." /
-    "Write a Python program" preamble, requests in prose (``code_requests``) and chatterbot-corpus's
-    ``coding`` questions (which the zoo leaves out); general: the zoo's general prompts with a
-    constraint from ``TRAIN_CONSTRAINTS`` appended.
+    math: questions of ``TRAIN_MATH_GENERATORS``, short questions (``short_math_questions``) and
+    templated competition-style questions (``analytic_math_questions``: coordinate geometry, number
+    theory, counting); code: the zoo's stdlib and CodeIO prompts without their "Implement this Python
+    function." / "Write a Python program" preamble, templated requests in prose (``code_requests``,
+    ``prose_code_requests``: personas, frameworks, pasted snippets of the zoo's own solutions) and
+    chatterbot-corpus's ``coding`` questions (which the zoo leaves out); general: the zoo's general
+    prompts with one or two constraints from ``TRAIN_CONSTRAINTS`` appended.
     """
     rng = random.Random(seed)
     out = generator_examples(TRAIN_MATH_GENERATORS, n_per_style, seed)
+    out += analytic_math_questions(n_per_style, seed + 11)
     code = [e for e in train if e.domain == "code" and "\n\n" in e.text]
     bare = [Example(e.text.split("\n\n", 1)[1], "code", "", f"{e.source}+bare") for e in code]
     rng.shuffle(bare)
     out += bare[: 2 * n_per_style]
     out += code_requests(code, n_per_style, seed)
+    snippets = [e.response for e in code if e.response and e.response.count("\n") <= 25 and len(e.response) <= 1200]
+    out += prose_code_requests(docstring_tasks(code), snippets, 3 * n_per_style, seed + 13)
     out += chatterbot_coding()
     out += short_math_questions(train, n_per_style, seed)
-    general = [e for e in train if e.domain == "general"]
-    rng.shuffle(general)
-    out += [
-        Example(f"{e.text.rstrip()} {rng.choice(TRAIN_CONSTRAINTS)}", "general", "", f"{e.source}+constraint")
-        for e in general[:n_per_style]
-    ]
+    out += with_constraints([e for e in train if e.domain == "general"], 3 * n_per_style, seed + 17)
+    out += prose_general_requests(n_per_style, seed + 19)
     return out
 
 
@@ -173,11 +171,8 @@ _ASKS = ("Write a {lang} function to {task}", "Can you write {lang} code that wi
          "Help me write a {lang} method that should {task}", "write code to {task}", "Show me how to {task} with {lang}")
 
 
-def code_requests(code: list[Example], n: int, seed: int) -> list[Example]:
-    """Requests for code in prose, in many languages, built from the first sentence of the
-    docstrings in ``code`` (the zoo's stdlib prompts): "Write a Go function to return ...".
-    """
-    rng = random.Random(seed)
+def docstring_tasks(code: list[Example]) -> list[str]:
+    """Task phrases from the first sentence of the docstrings in ``code`` ("return the n-th ...")."""
     tasks = []
     for e in code:
         doc = e.text.partition('"""')[2].strip()
@@ -185,6 +180,15 @@ def code_requests(code: list[Example], n: int, seed: int) -> list[Example]:
         first = " ".join(first.split()).rstrip(".;:")
         if 12 <= len(first) <= 160 and first[:1].isalpha():
             tasks.append(first[0].lower() + first[1:])
+    return tasks
+
+
+def code_requests(code: list[Example], n: int, seed: int) -> list[Example]:
+    """Requests for code in prose, in many languages, built from the first sentence of the
+    docstrings in ``code`` (the zoo's stdlib prompts): "Write a Go function to return ...".
+    """
+    rng = random.Random(seed)
+    tasks = docstring_tasks(code)
     rng.shuffle(tasks)
     out = []
     for task in tasks[:n]:
@@ -224,7 +228,8 @@ def short_math_questions(train: list[Example], n: int, seed: int) -> list[Exampl
 
 # ----------------------------------------------------------------------------- out-of-source sets
 _CODE_LANG = re.compile(
-    r"\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|react|html|css|bash|php|kotlin|swift|regex)\b", re.I
+    r"\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|react|html|css|bash|php|kotlin|swift|regex)(?!\w)",
+    re.I
 )
 _CODE_ASK = re.compile(
     r"\b(write|create|implement|generate|build|give me|show me|how (do|can) i)\b.{0,60}"

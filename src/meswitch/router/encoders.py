@@ -5,12 +5,13 @@ Shapes: ``N`` texts, ``F`` features, ``C`` domains, ``L`` tokens.
 Three kinds, one interface (``encode(texts) -> [N, F]`` float32, ``spec()`` for the saved config):
 
 - ``minilm``: the packaged all-MiniLM-L6-v2 sentence encoder (mean-pooled, L2-normalised token
-  states, exactly what its sentence-transformers pipeline computes), by default with int8 dynamic
+  states, exactly what its sentence-transformers pipeline computes), plus the same pooling of the
+  states after block 4 of 6 (routers saved with ``options.layers``), by default with int8 dynamic
   quantization of its linear layers (2-3x faster at batch 1 on a CPU).
 - ``base-probe``: mean-pooled hidden states after block ``layer`` of the base model itself: no
   second model; the blocks after ``layer`` are not run.
-- ``llm-choice``: the base model answers a multiple-choice prompt over the domain names; the
-  features are the log-probabilities of the option letters, ``[N, C]``.
+- ``llm-choice``: the base model chooses among the domains by likelihood: the features are the mean
+  log-probability of the text's tokens after each domain's prefix ("Here is a math problem:"), ``[N, C]``.
 
 Every encoder first cleans its input with ``clean_text``: invalid UTF-8 becomes U+FFFD or "?", and
 a text longer than ``max_chars`` keeps its first ``max_chars`` characters; the tokenizer then keeps
@@ -106,9 +107,18 @@ def minilm_path() -> Path:
 
 
 class MiniLMEncoder:
+    """all-MiniLM-L6-v2 features: its sentence embedding, then the same pooling of earlier blocks.
+
+    ``encode`` returns ``[N, 384 * (1 + len(layers))]``: first the sentence embedding (mean-pooled,
+    L2-normalised last-layer states: what its sentence-transformers pipeline computes), then for each
+    block index in ``layers`` the mean-pooled, L2-normalised states after that block. Earlier blocks
+    keep more of the surface form (syntax, names of languages) that the last layer's topical
+    embedding blurs; they cost nothing extra (one forward pass).
+    """
+
     kind = "minilm"
 
-    def __init__(self, max_tokens: int = 128, int8: bool = True):
+    def __init__(self, max_tokens: int = 128, int8: bool = True, layers: Sequence[int] = ()):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -116,6 +126,10 @@ class MiniLMEncoder:
         self.max_tokens, self.int8 = max_tokens, int8
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        n = model.config.num_hidden_layers
+        self.layers = [int(i) for i in layers]
+        if any(not 1 <= i <= n for i in self.layers):
+            raise RouterError(f"minilm layers must be in 1..{n}, got {self.layers}")
         if int8:
             with warnings.catch_warnings():  # torch.ao's dynamic quantization is deprecated in favour of torchao
                 warnings.simplefilter("ignore")
@@ -123,19 +137,23 @@ class MiniLMEncoder:
         self.model = model
 
     def spec(self) -> dict[str, Any]:
-        return EncoderSpec(self.kind, self.max_tokens, {"int8": self.int8, "model": "all-MiniLM-L6-v2"}).to_dict()
+        options = {"int8": self.int8, "model": "all-MiniLM-L6-v2", "layers": self.layers}
+        return EncoderSpec(self.kind, self.max_tokens, options).to_dict()
 
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-        """``texts`` -> ``[N, 384]`` unit-norm sentence embeddings."""
+        """``texts`` -> ``[N, 384 * (1 + len(layers))]``: unit-norm pooled states, the last layer first."""
         import torch
 
-        out = torch.empty(len(texts), self.model.config.hidden_size)
+        width = self.model.config.hidden_size
+        out = torch.empty(len(texts), width * (1 + len(self.layers)))
         with torch.inference_mode():
             for idx, chunk in _batches(texts, batch_size, progress, "minilm"):
                 enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_tokens,
                                      return_tensors="pt")
-                states = self.model(**enc).last_hidden_state
-                out[idx] = torch.nn.functional.normalize(mean_pool(states, enc["attention_mask"]), dim=-1)
+                res = self.model(**enc, output_hidden_states=bool(self.layers))
+                states = [res.last_hidden_state, *(res.hidden_states[i] for i in self.layers)]  # [0] = the input embeddings
+                pooled = [mean_pool(h, enc["attention_mask"]) for h in states]
+                out[idx] = torch.cat([torch.nn.functional.normalize(p, dim=-1) for p in pooled], dim=-1)
         return out
 
 
@@ -209,59 +227,56 @@ class BaseProbeEncoder:
         return out
 
 
-# Short glosses for the usual domain names; any other domain is offered by its name alone.
-DOMAIN_HINTS = {
-    "math": "math (arithmetic, algebra, geometry, calculus, word problems)",
-    "code": "code (programming, writing or explaining software)",
-    "general": "general (conversation, writing, advice, everything else)",
+# What the base is told comes next, per usual domain name; any other domain gets "Here is a <name> request:".
+DOMAIN_PREFIXES = {
+    "math": "Here is a math problem:\n",
+    "code": "Here is a programming request:\n",
+    "general": "Here is a chat message:\n",
 }
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def choice_prompt(text: str, domains: Sequence[str]) -> str:
-    """The user message of the multiple-choice question over ``domains``."""
-    options = "\n".join(f"{LETTERS[i]}. {DOMAIN_HINTS.get(d, d)}" for i, d in enumerate(domains))
-    return (f"Which kind of request is this?\n\nRequest:\n\"\"\"\n{text}\n\"\"\"\n\nOptions:\n{options}\n\n"
-            "Answer with one letter.")
+def domain_prefix(domain: str) -> str:
+    return DOMAIN_PREFIXES.get(domain, f"Here is a {domain} request:\n")
 
 
 class LLMChoiceEncoder:
+    """Scores each domain by how likely the base finds the text after that domain's prefix.
+
+    ``features[i, c] = mean_t log p(text_i[t] | prefix_c, text_i[:t])`` over the text's first
+    ``max_tokens`` tokens: a choice among the domains by the likelihood of the text under each
+    (the "channel" direction; a 135M model asked to name the domain answers at chance).
+    """
+
     kind = "llm-choice"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, domains: Sequence[str],
-                 max_tokens: int = 128):
-        if not 2 <= len(domains) <= len(LETTERS):
-            raise RouterError(f"llm-choice needs 2..{len(LETTERS)} domains, got {len(domains)}")
+                 max_tokens: int = 48):
+        if len(domains) < 2:
+            raise RouterError(f"llm-choice needs at least 2 domains, got {len(domains)}")
         self.model, self.tokenizer, self.domains, self.max_tokens = model, tokenizer, list(domains), max_tokens
-        # the answer letter may be tokenized with or without a leading space: score both
-        self.letter_ids = [
-            sorted({tokenizer(v, add_special_tokens=False)["input_ids"][-1] for v in (LETTERS[i], f" {LETTERS[i]}")})
-            for i in range(len(domains))
-        ]
+        self.prefix_ids = [tokenizer(domain_prefix(d), add_special_tokens=False)["input_ids"] for d in self.domains]
 
     def spec(self) -> dict[str, Any]:
-        return EncoderSpec(self.kind, self.max_tokens, {}).to_dict()
+        return EncoderSpec(self.kind, self.max_tokens, {"scoring": "channel"}).to_dict()
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.max_tokens:
-            text = self.tokenizer.decode(ids[: self.max_tokens])
-        msgs = [{"role": "user", "content": choice_prompt(text, self.domains)}]
-        prompt = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-    def encode(self, texts: Sequence[str], batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """``texts`` -> ``[N, C]``: log-probability of each option's letter as the answer's first token."""
+    def encode(self, texts: Sequence[str], batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+        """``texts`` -> ``[N, C]``: mean log-probability per token of each text after each domain's prefix."""
         import torch
 
         out = torch.empty(len(texts), len(self.domains))
+        c = len(self.domains)
         with torch.inference_mode():
             for idx, chunk in _batches(texts, batch_size, progress, "llm-choice"):
-                ids, mask = _right_pad([self._prompt_ids(t) for t in chunk], _pad_id(self.tokenizer))
-                hidden = self.model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [n, L, H]
-                last = hidden[torch.arange(len(chunk)), mask.sum(1) - 1]  # [n, H]
-                logp = torch.log_softmax(self.model.lm_head(last).float(), dim=-1)  # [n, V]
-                out[idx] = torch.stack([torch.logsumexp(logp[:, ids_], dim=-1) for ids_ in self.letter_ids], dim=-1)
+                toks = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_tokens] or
+                        [_pad_id(self.tokenizer)] for t in chunk]
+                rows = [p + t for t in toks for p in self.prefix_ids]  # text-major: row = i * C + c
+                ids, mask = _right_pad(rows, _pad_id(self.tokenizer))
+                logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                for r, (i, p) in enumerate((i, p) for i in range(len(chunk)) for p in self.prefix_ids):
+                    n = len(toks[i])
+                    pos = torch.arange(len(p) - 1, len(p) + n - 1)  # the positions that predict the text's tokens
+                    target = torch.tensor(toks[i], dtype=torch.long)
+                    out[idx[i], r % c] = logp[r, pos, target].mean()
         return out
 
 
@@ -270,7 +285,8 @@ def build_encoder(spec: dict[str, Any], domains: Sequence[str], base: tuple[Any,
     """The encoder ``spec`` describes; ``base`` = (model, tokenizer) for the two base-model kinds."""
     s = EncoderSpec.from_dict(spec)
     if s.kind == "minilm":
-        return MiniLMEncoder(max_tokens=s.max_tokens, int8=bool(s.options.get("int8", True)))
+        return MiniLMEncoder(max_tokens=s.max_tokens, int8=bool(s.options.get("int8", True)),
+                             layers=s.options.get("layers", ()))  # routers saved before "layers": none
     if s.kind not in ENCODERS:
         raise RouterError(f"unknown encoder {s.kind!r}; expected one of {', '.join(ENCODERS)}")
     if base is None:
@@ -283,9 +299,9 @@ def build_encoder(spec: dict[str, Any], domains: Sequence[str], base: tuple[Any,
 
 def default_spec(kind: str) -> dict[str, Any]:
     """The spec of a fresh encoder of ``kind`` with its default settings (before the base is known)."""
-    defaults = {"minilm": EncoderSpec("minilm", 128, {"int8": True}),
+    defaults = {"minilm": EncoderSpec("minilm", 128, {"int8": True, "layers": [4]}),
                 "base-probe": EncoderSpec("base-probe", 64, {}),
-                "llm-choice": EncoderSpec("llm-choice", 128, {})}
+                "llm-choice": EncoderSpec("llm-choice", 48, {"scoring": "channel"})}
     if kind not in defaults:
         raise RouterError(f"unknown encoder {kind!r}; expected one of {', '.join(ENCODERS)}")
     return defaults[kind].to_dict()

@@ -83,22 +83,25 @@ def train_head(
     return {k: v.detach().contiguous() for k, v in params.items()}
 
 
-def bias_head(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 200) -> Head:
+def score_head(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float = 1e-2, steps: int = 200) -> Head:
     """A head for features that already are class scores (``llm-choice``): ``logits = x + b``.
 
-    ``b: [C]`` is fitted by cross-entropy on ``x: [N, C]``, ``y: [N]``: it removes the model's prior
-    preference for some option letters. Stored as a linear head with identity weights.
+    ``x: [N, C]`` (one score per class), ``y: [N]``. ``b: [C]`` is fitted by cross-entropy plus
+    ``l2 * |b|^2`` (LBFGS; the training text's own class mix acts as the prior, so train on a balanced
+    one, as ``max_per_domain`` gives): it removes the base's prior preference for some
+    domains (a chat model finds chat text likely after any prefix). Stored as a linear head with
+    identity weights, ``mu = 0``, ``sigma = 1``.
     """
     import torch
 
     if x.shape[1] != classes:
         raise ValueError(f"score features must have one column per class: {x.shape[1]} != {classes}")
     b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([b], lr=0.5, max_iter=steps)
+    opt = torch.optim.LBFGS([b], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x + b, y)
+        loss = torch.nn.functional.cross_entropy(x + b, y) + l2 * b.pow(2).sum()
         loss.backward()
         return loss
 

@@ -16,7 +16,7 @@ from meswitch.data.examples import Example
 from meswitch.router.calibrate import expected_calibration_error, fit_temperature
 from meswitch.router.encoders import ENCODERS, build_encoder, clean_text, default_spec
 from meswitch.router.errors import RouterDataError, UnmappedDomainError
-from meswitch.router.head import bias_head, head_logits, train_head
+from meswitch.router.head import head_logits, score_head, train_head
 from meswitch.router.router import Router, RouterConfig
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class RouterTrainConfig:
     """How to train a router. ``threshold``: below this calibrated confidence the fallback expert is used."""
 
     encoder: str = "minilm"
-    head: str = "mlp"  # linear | mlp (llm-choice always uses a bias-only head)
+    head: str = "mlp"  # linear | mlp (llm-choice always uses an affine map of its scores)
     hidden: int = 128
     epochs: int = 40
     val_fraction: float = 0.15
@@ -143,8 +143,8 @@ def train_router(
     train_idx, val_idx = stratified_split(y.tolist(), cfg.val_fraction, cfg.seed)
     x = encoder.encode(texts, progress=progress)
     if cfg.encoder == "llm-choice":
-        head_name = "bias"
-        head = bias_head(x[train_idx], y[train_idx], len(domains))
+        head_name = "scores"
+        head = score_head(x[train_idx], y[train_idx], len(domains))
     else:
         head_name = cfg.head
         head = train_head(x[train_idx], y[train_idx], len(domains), kind=cfg.head, hidden=cfg.hidden,
