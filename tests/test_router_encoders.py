@@ -88,6 +88,17 @@ def test_llm_choice_scores_match_one_unpadded_text_at_a_time():
             assert torch.allclose(got[i, c], want, atol=1e-4)
 
 
+def test_an_llm_choice_router_of_the_letter_prompt_is_refused_not_misread():
+    from meswitch.router import RouterError
+    from meswitch.router.encoders import build_encoder, default_spec
+
+    base, domains = (tiny_llama(layers=1), _CharTokenizer()), ["code", "general", "math"]
+    assert isinstance(build_encoder(default_spec("llm-choice"), domains, base), LLMChoiceEncoder)
+    old = {"kind": "llm-choice", "max_tokens": 128, "options": {}}  # what versions before channel scoring saved
+    with pytest.raises(RouterError, match="retrain"):
+        build_encoder(old, domains, base)
+
+
 @pytest.mark.parametrize("layer", [1, 2, 3])
 def test_first_blocks_matches_the_full_models_hidden_states(layer):
     model = tiny_llama(layers=3)

@@ -294,6 +294,9 @@ def build_encoder(spec: dict[str, Any], domains: Sequence[str], base: tuple[Any,
     model, tok = base
     if s.kind == "base-probe":
         return BaseProbeEncoder(model, tok, layer=s.options.get("layer"), max_tokens=s.max_tokens)
+    if s.options.get("scoring") != "channel":  # the letter-prompt scores of older versions mean something else
+        raise RouterError("this llm-choice router was trained on the multiple-choice letter scores of an older "
+                          "meswitch; retrain it (meswitch router train STORE --encoder llm-choice)")
     return LLMChoiceEncoder(model, tok, domains, max_tokens=s.max_tokens)
 
 
