@@ -158,12 +158,19 @@ def test_errors_have_the_single_process_shape(ray_url, local_url, body, status, 
 
 
 def _replica_info(replica: str, expert: str) -> dict:
-    """``info()`` of engine replica ``replica`` (asked through Serve, which picks among the holders of ``expert``)."""
-    engines = serve.get_deployment_handle("MeswitchEngine", app_name="meswitch").options(multiplexed_model_id=expert)
-    for _ in range(50):
-        info = engines.info.remote().result(timeout_s=30)
+    """``info()`` of engine replica ``replica``, asked through Serve.
+
+    Serve sends a call for expert ``e`` to a replica holding ``e`` (the less busy one when both do),
+    and a replica may have unloaded ``expert`` since it served it: so every expert is tried in turn.
+    """
+    engines = serve.get_deployment_handle("MeswitchEngine", app_name="meswitch")
+    order = [expert, *(e for e in EXPERTS if e != expert)]
+    for attempt in range(150):
+        e = order[attempt % len(order)]
+        info = engines.options(multiplexed_model_id=e).info.remote().result(timeout_s=30)
         if info["replica"] == replica:
             return info
+        time.sleep(0.02)
     raise AssertionError(f"Serve never routed info() to replica {replica}")
 
 

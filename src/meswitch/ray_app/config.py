@@ -46,13 +46,13 @@ class RayAppConfig:
     max_context: int | None = None
     max_prompt_tokens: int | None = None
     max_resident_bytes: int | None = None
-    # server (the ingress)
-    api_key: str | None = None
-    max_tokens: int = 2048
-    default_max_tokens: int = 256
-    max_pending: int = 64
-    max_body_bytes: int = 1 << 20
-    body_timeout_s: float = 30.0
+    # server (the ingress); defaults are the single-process server's
+    api_key: str | None = ServerConfig.api_key
+    max_tokens: int = ServerConfig.max_tokens
+    default_max_tokens: int = ServerConfig.default_max_tokens
+    max_pending: int = ServerConfig.max_pending
+    max_body_bytes: int = ServerConfig.max_body_bytes
+    body_timeout_s: float = ServerConfig.body_timeout_s
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
