@@ -462,12 +462,14 @@ def plot_confusion(router: list[dict], path: Path) -> None:
 def run_lines(run: dict | None) -> list[str]:
     if not run:
         return []
-    rows = [[s["name"], s["status"], f"{s['seconds']:.0f}", s.get("finished", "-"), f"`{s['command']}`"]
-            for s in run["steps"]]
+    rows = [[s["name"], s["status"], f"{s['seconds']:.0f}", s.get("finished", "-"),
+             f"{s['load_avg']:.1f}" if "load_avg" in s else "-", f"`{s['command']}`"] for s in run["steps"]]
     total = sum(s["seconds"] for s in run["steps"])
     return ["### How this report was made", "",
-            f"`make bench`: {total / 60:.1f} min of benchmarks (the steps' own times, summed):", "",
-            md_table(["benchmark", "status", "seconds", "finished", "command"], rows), ""]
+            f"`make bench`: {total / 60:.1f} min of benchmarks (the steps' own times, summed). `load`: the "
+            f"1-minute load average as the step ended; above {os.cpu_count()} (the cores), other work shared "
+            "the machine and its timings are pessimistic.", "",
+            md_table(["benchmark", "status", "seconds", "finished", "load", "command"], rows), ""]
 
 
 def build_report(res: dict, results: Path, summary: dict | None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -74,8 +75,9 @@ def run_step(step: Step, log_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     status = "ok" if rc == 0 else f"failed (exit {rc}; see {log})"
     print(f"=== {step.name}: {status} in {seconds / 60:.1f} min", flush=True)
+    # the 1-minute load average at the end: above the core count, something else shared the machine
     return {"name": step.name, "status": status, "seconds": seconds, "command": cmd,
-            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg": os.getloadavg()[0]}
 
 
 def merge_steps(path: Path, done: list[dict], names: list[str]) -> list[dict]:

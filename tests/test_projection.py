@@ -48,3 +48,14 @@ def test_store_and_capacity():
     assert experts_that_fit(m, base_bytes(m) - 1, 2.0) == 0
     # 16-bit experts: whole models, about 6 in 80 GB.
     assert full_models_that_fit(m, 80 * GiB) == 6
+
+
+def test_replica_capacity_counts_the_int4_cache_not_embeddings():
+    from meswitch.ray_app.capacity import max_experts_per_replica
+
+    m = MODELS["Mistral-7B"]
+    kv = 8 * GiB
+    free = 80 * GiB - base_bytes(m) - kv
+    packed = m.linear_params * 2.0 / 8 + 2 * m.norm_params  # 2-bit linear deltas + fp16 norm deltas
+    assert max_experts_per_replica(m, 2.0, 80 * GiB, kv) == int(free // packed)
+    assert max_experts_per_replica(m, 2.0, 80 * GiB, kv, int4_cache=True) == int(free // (packed + m.linear_params / 2))

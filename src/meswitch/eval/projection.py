@@ -78,7 +78,7 @@ def base_bytes(shape: ModelShape, base_bits: int = 16) -> int:
     return shape.params * base_bits // 8
 
 
-def expert_bytes(shape: ModelShape, bits_per_param: float, embedding_delta: bool = False,
+def expert_bytes(shape: ModelShape, bits_per_param: float, *, embedding_delta: bool = False,
                  int4_cache: bool = False) -> int:
     """One compressed expert: linear deltas at ``bits_per_param`` and 16-bit norm deltas.
 
@@ -102,7 +102,7 @@ def kv_cache_bytes(shape: ModelShape, batch: int, context: int, bytes_per_value:
 
 def store_bytes(shape: ModelShape, n_experts: int, bits_per_param: float, embedding_delta: bool = False) -> int:
     """Base plus ``n_experts`` compressed experts."""
-    return base_bytes(shape) + n_experts * expert_bytes(shape, bits_per_param, embedding_delta)
+    return base_bytes(shape) + n_experts * expert_bytes(shape, bits_per_param, embedding_delta=embedding_delta)
 
 
 def full_models_bytes(shape: ModelShape, n_experts: int) -> int:
@@ -116,7 +116,7 @@ def experts_that_fit(shape: ModelShape, capacity_bytes: int, bits_per_param: flo
     room = capacity_bytes - base_bytes(shape)
     if room < 0:
         return 0
-    return room // expert_bytes(shape, bits_per_param, embedding_delta)
+    return room // expert_bytes(shape, bits_per_param, embedding_delta=embedding_delta)
 
 
 def full_models_that_fit(shape: ModelShape, capacity_bytes: int) -> int:

@@ -38,14 +38,14 @@ def max_experts_per_replica(shape: ModelShape, bits_per_param: float, device_byt
                             int4_cache: bool = False) -> int:
     """The most experts beside an fp16 base and ``kv_bytes`` of cache within ``device_bytes`` (0 if none fit)."""
     free = device_bytes - 2 * shape.params - kv_bytes
-    return max(0, int(free // expert_bytes(shape, bits_per_param, int4_cache)))
+    return max(0, int(free // expert_bytes(shape, bits_per_param, int4_cache=int4_cache)))
 
 
 def plan(shape: ModelShape, experts: int, k: int, bits_per_param: float, kv_bytes: int,
          int4_cache: bool = False) -> ReplicaPlan:
     """Memory per replica holding ``k`` of ``experts`` experts, and the replicas needed to hold them all."""
     k = max(1, min(k, experts))
-    return ReplicaPlan(experts, k, 2 * shape.params, k * expert_bytes(shape, bits_per_param, int4_cache), kv_bytes,
+    return ReplicaPlan(experts, k, 2 * shape.params, k * expert_bytes(shape, bits_per_param, int4_cache=int4_cache), kv_bytes,
                        math.ceil(experts / k))
 
 
