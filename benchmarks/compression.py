@@ -37,6 +37,10 @@ def settings(distill_steps: int) -> list[tuple[str, dict]]:
     out.append(("sign2d-1@1.5", {"method": "sign2d", "target_bits": 1.5}))
     out.append(("sign2d-1@1.5+distill", {"method": "sign2d", "target_bits": 1.5, "distill_steps": distill_steps}))
     out.append(("mixed@1.5", {"method": "mixed", "target_bits": 1.5}))
+    out += [(f"gptq-{b}", {"method": "gptq", "bits": b}) for b in (1, 2, 3)]
+    out += [(f"gptq-mixed@{t}", {"method": "gptq-mixed", "target_bits": t}) for t in (1.25, 1.5)]
+    out.append(("gptq-mixed@1.5+distill", {"method": "gptq-mixed", "target_bits": 1.5,
+                                           "distill_steps": distill_steps}))
     out.append(("default", {}))
     return out
 
@@ -45,6 +49,8 @@ def method_of(label: str) -> str:
     if label == "default":
         return "default"
     base = label.split("-")[0].split("+")[0].split("@")[0]
+    if label.startswith("gptq-mixed"):
+        base = "gptq-mixed"
     if "asym" in label:
         base += "-asym"
     return base + ("+distill" if "distill" in label else "")
@@ -55,7 +61,7 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
     import torch
 
     from meswitch.compress.config import CompressConfig
-    from meswitch.compress.pipeline import compress_model, expert_act_sq
+    from meswitch.compress.pipeline import GPTQ_METHODS, compress_model, expert_act_sq, expert_hessians
     from meswitch.data.chat import padded_batches
     from meswitch.data.examples import read_jsonl
     from meswitch.errors import CacheError
@@ -81,6 +87,9 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
         held_out = read_jsonl(paths.split(domain, "test"))[:limit]
         states = reference_states(expert, padded_batches(held_out, tok, 512, 4))
         act = expert_act_sq(expert, tok, calib, CompressConfig())
+        hess = expert_hessians(expert, tok, calib, CompressConfig()) if any(
+            CompressConfig(**over).method in GPTQ_METHODS and (not only or label in only)
+            for label, over in settings(distill_steps)) else None
         for label, over in settings(distill_steps):
             if only and label not in only:
                 continue
@@ -89,7 +98,7 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
             t0 = time.perf_counter()
             with PeakRSS() as mem:
                 _, _, info = compress_model(student, expert, tok, calib, cfg,
-                                            act_sq=act)
+                                            act_sq=act, hessians=hess)
             seconds = time.perf_counter() - t0
             fid = compare_to_states(states, expert.get_output_embeddings(), student)
             nominal = 1 if cfg.method in ("bitdelta", "sign2d") else None if cfg.method == "mixed" else cfg.bits

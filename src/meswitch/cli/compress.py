@@ -34,12 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, help="base model checkpoint directory")
     p.add_argument("--expert", type=_expert_arg, action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--out", type=Path, required=True, help="store directory (created, or added to)")
-    p.add_argument("--method", choices=["salient", "mixed", "sign2d", "rtn", "bitdelta"], default=d.method)
+    p.add_argument("--method", choices=["salient", "gptq", "gptq-mixed", "mixed", "sign2d", "rtn", "bitdelta"],
+                   default=d.method, help="gptq: rtn's grid, codes chosen with error feedback; the mixed "
+                   "methods spend --target-bits over the matrices (default %(default)s)")
     p.add_argument("--bits", type=int, choices=[1, 2, 3, 4], default=d.bits)
     p.add_argument("--salient", type=_salient_arg, default=d.salient,
                    help="salient columns per matrix: a count K or a fraction (default: fit --target-bits)")
     p.add_argument("--target-bits", type=float, default=d.target_bits,
-                   help="bits per delta parameter that sizes K when --salient is not given")
+                   help="bits per delta parameter: what the mixed methods spend, and what sizes K for "
+                   "salient when --salient is not given (default: 1.5 for the mixed methods, else 2.1)")
     p.add_argument("--asymmetric", action="store_true", help="min/max grid with a zero point per row")
     p.add_argument("--clip-ratio", type=float, default=d.clip_ratio,
                    help="grid extent as a fraction of each row's absmax (default: 0.7 at 2 bits, else 1.0)")

@@ -18,7 +18,7 @@ from torch import Tensor
 from meswitch.compress.codec import decode_delta, encode_delta
 
 Encoded = tuple[dict[str, Tensor], dict[str, Any]]
-Rung = Callable[[Tensor, Tensor | None], Encoded]
+Rung = Callable[[Tensor, Tensor | None], Encoded]  # (delta, the layer's statistic) -> encoding
 
 # (label, encoder): cheapest first
 LADDER: Sequence[tuple[str, Rung]] = (
@@ -26,6 +26,10 @@ LADDER: Sequence[tuple[str, Rung]] = (
     ("rtn2", lambda d, a: encode_delta(d, "rtn", 2, 0, a)),
     ("rtn3", lambda d, a: encode_delta(d, "rtn", 3, 0, a)),
 )
+
+# GPTQ codes at 1, 2 and 3 bits; the statistic is the layer's input second moment H: [in, in]
+GPTQ_LADDER: Sequence[tuple[str, Rung]] = tuple(
+    (f"gptq{b}", lambda d, h, b=b: encode_delta(d, "gptq", b, hessian=h)) for b in (1, 2, 3))
 
 
 def nbytes(fields: dict[str, Tensor]) -> int:
@@ -38,27 +42,40 @@ def output_error(delta: Tensor, encoded: Encoded, act_sq: Tensor | None) -> floa
     return float(err @ act_sq.float()) if act_sq is not None else float(err.sum())
 
 
+def hessian_error(delta: Tensor, encoded: Encoded, hessian: Tensor | None) -> float:
+    """``tr(E H E^T)`` with ``E = delta - deq``: the same expectation with the full ``H: [in, in]``."""
+    if hessian is None:
+        return output_error(delta, encoded, None)
+    e = decode_delta(*encoded) - delta.float()
+    return float(((e @ hessian.float()) * e).sum())
+
+
 def allocate(
     deltas: dict[str, Callable[[], Tensor]],
     act_sq: dict[str, Tensor],
     target_bits: float,
     ladder: Sequence[tuple[str, Rung]] = LADDER,
+    error: Callable[[Tensor, Encoded, Tensor | None], float] = output_error,
 ) -> dict[str, Encoded]:
     """Pick one rung per matrix so that total bits / total parameters <= ``target_bits``.
 
     deltas: name -> a function returning ``delta: [out, in]`` (called once per matrix; the dense delta
-    is dropped after its rungs are encoded). Returns name -> (fields, meta) of the chosen rung.
+    is dropped after its rungs are encoded). act_sq: name -> the statistic the ladder's rungs and
+    ``error`` take (``act_sq: [in]``, or ``H: [in, in]`` for :data:`GPTQ_LADDER` with
+    :func:`hessian_error`). Returns name -> (fields, meta) of the chosen rung.
     """
+    from tqdm.auto import tqdm
+
     rungs: dict[str, list[tuple[Encoded, float, int]]] = {}
     params = 0
-    for name, get in deltas.items():
+    for name, get in tqdm(deltas.items(), desc="encode", unit="layer", dynamic_ncols=True):
         d = get()
         params += d.numel()
         a = act_sq.get(name)
         rungs[name] = []
         for _, enc in ladder:
             e = enc(d, a)
-            rungs[name].append((e, output_error(d, e, a), nbytes(e[0])))
+            rungs[name].append((e, error(d, e, a), nbytes(e[0])))
         del d
     budget = target_bits * params / 8
     level = dict.fromkeys(rungs, 0)

@@ -44,3 +44,47 @@ def collect_act_sq(model: nn.Module, blocks: Iterable[Tensor], names: list[str])
     if missing:
         raise ValueError(f"no activations reached {missing[:3]} (and {max(0, len(missing) - 3)} more)")
     return {n: sums[n] / counts[n] for n in names}
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, blocks: Iterable[Tensor], names: list[str]) -> dict[str, Tensor]:
+    """Input second-moment matrix ``H = mean over tokens of x x^T`` of each named linear layer.
+
+    blocks: token id tensors ``[B, L]``; returns ``{name: [in, in]}`` float32. Layers fed the same
+    tensor (q/k/v after one norm, gate/up after another) share one matrix object, so memory grows
+    with the number of distinct inputs, not of layers.
+    """
+    modules = dict(model.named_modules())
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    alias: dict[str, str] = {}
+    last: list = [None, ""]  # the previous layer's input tensor (held, so its memory is not reused) and name
+
+    def hook(name: str):
+        def fn(_mod: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if args[0] is last[0]:  # fed the very tensor the previous layer got
+                alias[name] = alias.get(last[1], last[1])
+                return
+            last[0], last[1] = args[0], name
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model
+        for ids in blocks:
+            body(input_ids=ids)
+    finally:
+        last[0] = None
+        for h in handles:
+            h.remove()
+    out = {n: sums[n] / counts[n] for n in sums}
+    for n, first in alias.items():
+        out[n] = out[first]
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ValueError(f"no activations reached {missing[:3]} (and {max(0, len(missing) - 3)} more)")
+    return out

@@ -12,6 +12,9 @@ Methods (``meta["method"]``):
 - ``bitdelta``: ``codes`` uint8 ``[out, packed_cols(in, 1)]`` (sign bits), ``scale`` fp16 ``[1]``.
 - ``dense``: ``delta`` fp16, any shape (norms and other small tensors).
 
+Encoding method ``gptq`` (:mod:`meswitch.compress.gptq`) stores the ``rtn`` layout (symmetric,
+``k = 0``) with ``meta["gptq"] = True``: its codes are chosen with error feedback, decoded alike.
+
 The size of a layer is the sum of its tensors' bytes: every overhead is counted, nothing estimated.
 """
 
@@ -26,7 +29,7 @@ from meswitch.compress.pack import pack, unpack
 from meswitch.compress.quant import bitdelta, dequantize, sign2d, sign2d_dequantize
 from meswitch.compress.salient import SalientDelta, channel_error, salient_quantize
 
-METHODS = ("salient", "sign2d", "rtn", "bitdelta")
+METHODS = ("salient", "sign2d", "rtn", "bitdelta", "gptq")
 
 
 def _salient_fields(in_features: int, idx: Tensor, cols: Tensor) -> dict[str, Tensor]:
@@ -73,13 +76,23 @@ def encode_delta(
     act_sq: Tensor | None = None,
     symmetric: bool = True,
     clip_ratio: float = 1.0,
+    hessian: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Compress ``delta: [out, in]`` -> (store tensors, layer meta).
 
     act_sq: ``[in]`` mean squared calibration activation per input channel (salient selection);
-    without it every channel weighs the same.
+    without it every channel weighs the same. hessian: ``[in, in]`` input second moment, required
+    by ``gptq`` (which takes its own grid defaults: ``clip_ratio`` and ``symmetric`` do not apply).
     """
     shape = [int(delta.shape[0]), int(delta.shape[1])]
+    if method == "gptq":
+        from meswitch.compress.gptq import gptq
+
+        if hessian is None:
+            raise ValueError("method 'gptq' needs the layer's input second-moment matrix (hessian)")
+        q = gptq(delta.float(), hessian, bits)
+        meta = {"method": "rtn", "bits": bits, "shape": shape, "salient": 0, "symmetric": True, "gptq": True}
+        return {"codes": pack(q.codes, bits), "scale": q.scale.to(torch.float16)}, meta
     if method == "bitdelta":
         codes, scale = bitdelta(delta)
         meta = {"method": "bitdelta", "bits": 1, "shape": shape, "salient": 0, "symmetric": True}

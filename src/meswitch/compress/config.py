@@ -17,7 +17,7 @@ class CompressConfig:
     method: str = "salient"
     bits: int = 2
     salient: float | None = None
-    target_bits: float = 2.1
+    target_bits: float | None = None  # None: 1.5 for the mixed methods, 2.1 for salient (see ``budget``)
     symmetric: bool = True
     clip_ratio: float | None = None  # grid extent / absmax; None: 0.7 at 2 bits, 1.0 otherwise (measured)
     distill_steps: int = 0
@@ -25,6 +25,13 @@ class CompressConfig:
     calib_blocks: int = 16  # blocks of calib_len tokens for activation statistics and distillation
     calib_len: int = 256
     eval_blocks: int = 4  # further blocks kept out of calibration, for the fidelity stored in the manifest
+
+    @property
+    def budget(self) -> float:
+        """Bits per delta parameter that ``mixed``/``gptq-mixed`` allocate and ``salient`` sizes k by."""
+        if self.target_bits is not None:
+            return self.target_bits
+        return 1.5 if self.method in ("mixed", "gptq-mixed") else 2.1
 
     @property
     def clip(self) -> float:

@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
-from meswitch.compress.calib import collect_act_sq, linear_names
+from meswitch.compress.calib import collect_act_sq, collect_hessians, linear_names
 from meswitch.compress.codec import encode_delta, layer_bits
 from meswitch.compress.config import CompressConfig
 from meswitch.data.chat import pack_blocks
 from meswitch.data.examples import Example
 from meswitch.errors import MeswitchError
+
+GPTQ_METHODS = ("gptq", "gptq-mixed")
 
 
 class ArchitectureMismatchError(MeswitchError):
@@ -36,7 +38,7 @@ def salient_k(cfg: CompressConfig, out_features: int, in_features: int) -> int:
         return 0
     if cfg.salient is None:
         # sign2d also stores one fp16 scale per input column: about 16 / out bits per parameter
-        target = cfg.target_bits - (16 / out_features if cfg.method == "sign2d" else 0.0)
+        target = cfg.budget - (16 / out_features if cfg.method == "sign2d" else 0.0)
         bits = 1 if cfg.method == "sign2d" else cfg.bits
         return budget_k(out_features=out_features, in_features=in_features, bits=bits,
                         target_bits=target, symmetric=cfg.symmetric or cfg.method == "sign2d")
@@ -72,11 +74,12 @@ def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig) -> tuple[tor
 
 
 def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, calib: list[Example],
-                   cfg: CompressConfig, act_sq: dict[str, torch.Tensor] | None = None
-                   ) -> tuple[dict, dict, dict[str, Any]]:
+                   cfg: CompressConfig, act_sq: dict[str, torch.Tensor] | None = None,
+                   hessians: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict, dict[str, Any]]:
     """Compress ``expert`` against ``base`` (both fp32 HF models; ``base`` is modified in place).
 
-    act_sq: calibration statistics from :func:`expert_act_sq` to reuse across settings (else computed).
+    act_sq, hessians: calibration statistics from :func:`expert_act_sq` and :func:`expert_hessians`
+    to reuse across settings (else computed when the method needs them).
     Returns (layers, layer_meta, info) ready for ``DeltaStore.add_expert``.
     """
     from tqdm.auto import tqdm
@@ -93,14 +96,19 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     if act_sq is None:
         needs_act = cfg.method in ("salient", "sign2d", "mixed")
         act_sq = collect_act_sq(expert, cal_ids.split(4), names) if needs_act else {}
+    if hessians is None and cfg.method in GPTQ_METHODS:
+        hessians = collect_hessians(expert, cal_ids.split(4), names)
+    hessians = hessians or {}
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     meta: dict[str, dict[str, Any]] = {}
-    if cfg.method == "mixed":
-        from meswitch.compress.allocate import allocate
+    if cfg.method in ("mixed", "gptq-mixed"):
+        from meswitch.compress.allocate import GPTQ_LADDER, LADDER, allocate, hessian_error, output_error
 
         getters = {n: (lambda w=f"{n}.weight": e_state[w] - b_state[w]) for n in names}
-        for name, (fields, m) in allocate(getters, act_sq, cfg.target_bits).items():
+        ladder, stats, error = ((GPTQ_LADDER, hessians, hessian_error) if cfg.method == "gptq-mixed"
+                                else (LADDER, act_sq, output_error))
+        for name, (fields, m) in allocate(getters, stats, cfg.budget, ladder, error).items():
             layers[name], meta[name] = fields, m
     else:
         for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
@@ -108,7 +116,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
             delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
             k = salient_k(cfg, *delta.shape)
             layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
-                                                    cfg.symmetric, cfg.clip)
+                                                    cfg.symmetric, cfg.clip, hessians.get(name))
     linear_weights = {f"{n}.weight" for n in names}
     unchanged = []
     stored: set[int] = set()  # tied tensors (embeddings = lm_head) appear under two names: store once
@@ -163,6 +171,13 @@ def expert_act_sq(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
     """The per-channel activation statistics :func:`compress_model` would collect for ``cfg``."""
     ids, _ = _blocks(calib, tok, cfg)
     return collect_act_sq(expert, ids[: cfg.calib_blocks].split(4), linear_names(expert))
+
+
+def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig
+                    ) -> dict[str, torch.Tensor]:
+    """The input second-moment matrices :func:`compress_model` would collect for a GPTQ ``cfg``."""
+    ids, _ = _blocks(calib, tok, cfg)
+    return collect_hessians(expert, ids[: cfg.calib_blocks].split(4), linear_names(expert))
 
 
 def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path, calib: list[Example],
