@@ -28,11 +28,11 @@ from _common import results_dir  # noqa: E402
 from meswitch.paths import cache_root  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-# The compression settings the report compares: every method at 1-4 bits and the peers' BitDelta with
-# its distillation; the slower variants (1.5-bit distillation, clip/asymmetric ablations) are left to
-# `python benchmarks/compression.py` without --settings.
+# The compression settings the report compares: every method at 1-4 bits, the peers' BitDelta with its
+# distillation and ME-Switch at its best setting, GPTQ and the mixed GPTQ budgets; the ablations (clip,
+# asymmetric grids, the older mixed ladder) are left to `python benchmarks/compression.py` without --settings.
 COMPRESSION_SETTINGS = ("rtn-1,rtn-2,rtn-3,rtn-4,bitdelta,bitdelta+distill,salient-1,salient-2,salient-3,"
-                        "salient-4,sign2d-1,sign2d-1@1.5,default")
+                        "salient-4,salient-2@2.1,sign2d-1@1.5,gptq-1,gptq-2,gptq-mixed@1.25,gptq-mixed@1.5,default")
 
 
 @dataclass

@@ -172,3 +172,28 @@ def test_gptq_beats_rtn_end_to_end_and_the_store_serves_it(smollm_tokenizer, tmp
     got = _teacher_forced_logits(eng, {"e": ids}, prefill=4)["e"]
     want = _hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_output_gradients_match_autograd_and_leave_the_model_alone():
+    from meswitch.compress.calib import collect_output_grad_sq
+
+    model = tiny_llama()
+    names = linear_names(model)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    got = collect_output_grad_sq(model, [ids], names)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    # by hand: keep the output of one layer, backpropagate the summed next-token loss to it
+    target = dict(model.named_modules())["model.layers.1.mlp.down_proj"]
+    kept = {}
+
+    def keep(_m, _a, out):
+        out.retain_grad()
+        kept["y"] = out
+
+    h = target.register_forward_hook(keep)
+    logits = model(input_ids=ids).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="sum").backward()
+    h.remove()
+    want = kept["y"].grad.reshape(-1, kept["y"].shape[-1]).square().mean(0)
+    torch.testing.assert_close(got["model.layers.1.mlp.down_proj"], want, rtol=1e-4, atol=1e-10)
+    assert got["model.layers.1.mlp.down_proj"].shape == (target.out_features,)

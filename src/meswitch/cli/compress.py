@@ -69,8 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fidelity)
 
 
-def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path]:
-    from meswitch.zoo.build import ZooPaths, zoo_dir
+def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path | dict[str, Path]]:
+    """Base, experts, and calibration text: ``--calib`` for every expert, else with ``--zoo`` each
+    zoo expert's own domain text (others get the zoo's whole training split)."""
+    from meswitch.zoo.build import ZooPaths, expert_calibration, zoo_dir
     from meswitch.zoo.recipe import get_recipe
 
     experts = dict(args.expert)
@@ -78,7 +80,9 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Pa
     if args.zoo:
         paths = ZooPaths(zoo_dir(args.zoo))
         base = base or paths.base
-        calib = calib or paths.split(None, "train")
+        if calib is None:
+            own = expert_calibration(args.zoo, paths)
+            calib = {n: own.get(n, paths.split(None, "train")) for n in (experts or own)}
         if not experts:
             experts = {n: paths.expert(n) for n, _ in get_recipe(args.zoo).experts}
     if base is None or not experts:
@@ -88,7 +92,7 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Pa
         if not guess.is_file():
             raise MeswitchError("no calibration text: pass --calib FILE.jsonl")
         calib = guess
-    return Path(base), experts, Path(calib)
+    return Path(base), experts, calib if isinstance(calib, dict) else Path(calib)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -103,7 +107,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         target_bits=args.target_bits, symmetric=not args.asymmetric, clip_ratio=args.clip_ratio,
         distill_steps=args.distill_steps,
     )
-    results = compress_into_store(base, experts, args.out, read_jsonl(calib), cfg)
+    examples = {n: read_jsonl(p) for n, p in calib.items()} if isinstance(calib, dict) else read_jsonl(calib)
+    results = compress_into_store(base, experts, args.out, examples, cfg)
     if args.json:
         print_json({"store": str(args.out), "experts": results})
     else:

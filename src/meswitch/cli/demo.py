@@ -82,7 +82,7 @@ def build_store(size: str, store: Path) -> None:
     from meswitch.compress.config import CompressConfig
     from meswitch.compress.pipeline import compress_into_store
     from meswitch.data.examples import read_jsonl
-    from meswitch.zoo.build import ZooPaths, build_zoo, zoo_dir
+    from meswitch.zoo.build import ZooPaths, build_zoo, expert_calibration, zoo_dir
     from meswitch.zoo.recipe import get_recipe
 
     _say(f"zoo: building or reusing the {size} reference zoo")
@@ -94,8 +94,9 @@ def build_store(size: str, store: Path) -> None:
     if kept := sorted(set(experts) - set(todo)):
         _say(f"compress: {', '.join(kept)} already in {store} with the same recipe")
     if todo:
-        _say(f"compress: {', '.join(todo)} -> {store} ({cfg.method}, {cfg.bits} bits)")
-        compress_into_store(paths.base, todo, store, read_jsonl(paths.split(None, "train")), cfg)
+        _say(f"compress: {', '.join(todo)} -> {store} ({cfg.method}, {cfg.budget} bits per parameter)")
+        calib = {n: read_jsonl(p) for n, p in expert_calibration(size, paths).items() if n in todo}
+        compress_into_store(paths.base, todo, store, calib, cfg)
 
 
 def ensure_router(store: Path) -> bool:

@@ -42,12 +42,19 @@ def output_error(delta: Tensor, encoded: Encoded, act_sq: Tensor | None) -> floa
     return float(err @ act_sq.float()) if act_sq is not None else float(err.sum())
 
 
-def hessian_error(delta: Tensor, encoded: Encoded, hessian: Tensor | None) -> float:
-    """``tr(E H E^T)`` with ``E = delta - deq``: the same expectation with the full ``H: [in, in]``."""
-    if hessian is None:
+def hessian_error(delta: Tensor, encoded: Encoded, stat: Tensor | tuple[Tensor, Tensor] | None) -> float:
+    """``tr(E H E^T)`` with ``E = delta - deq``: the same expectation with the full ``H: [in, in]``.
+
+    stat: ``H``, or ``(H, g_sq)`` with ``g_sq: [out]`` the mean squared loss gradient at the layer's
+    output (:func:`~meswitch.compress.calib.collect_output_grad_sq`): then ``sum_j g_sq_j (E H E^T)_jj``,
+    the error's expected effect on the loss.
+    """
+    if stat is None:
         return output_error(delta, encoded, None)
+    hessian, g_sq = stat if isinstance(stat, tuple) else (stat, None)
     e = decode_delta(*encoded) - delta.float()
-    return float(((e @ hessian.float()) * e).sum())
+    per_row = ((e @ hessian.float()) * e).sum(1)
+    return float(per_row.sum() if g_sq is None else per_row @ g_sq.float())
 
 
 def allocate(
@@ -56,13 +63,15 @@ def allocate(
     target_bits: float,
     ladder: Sequence[tuple[str, Rung]] = LADDER,
     error: Callable[[Tensor, Encoded, Tensor | None], float] = output_error,
+    error_stats: dict[str, Tensor] | None = None,
 ) -> dict[str, Encoded]:
     """Pick one rung per matrix so that total bits / total parameters <= ``target_bits``.
 
     deltas: name -> a function returning ``delta: [out, in]`` (called once per matrix; the dense delta
     is dropped after its rungs are encoded). act_sq: name -> the statistic the ladder's rungs and
     ``error`` take (``act_sq: [in]``, or ``H: [in, in]`` for :data:`GPTQ_LADDER` with
-    :func:`hessian_error`). Returns name -> (fields, meta) of the chosen rung.
+    :func:`hessian_error`). error_stats: the statistic ``error`` measures with, when it should come
+    from other tokens than the encoding's (default: ``act_sq``). Returns name -> (fields, meta).
     """
     from tqdm.auto import tqdm
 
@@ -75,7 +84,7 @@ def allocate(
         rungs[name] = []
         for _, enc in ladder:
             e = enc(d, a)
-            rungs[name].append((e, error(d, e, a), nbytes(e[0])))
+            rungs[name].append((e, error(d, e, a if error_stats is None else error_stats.get(name)), nbytes(e[0])))
         del d
     budget = target_bits * params / 8
     level = dict.fromkeys(rungs, 0)

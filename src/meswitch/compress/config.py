@@ -11,19 +11,21 @@ class CompressConfig:
     or None to take the largest k that keeps each matrix within ``target_bits``.
 
     The defaults are the setting benchmarks/compression.py measured best on the reference zoo
-    (docs/compression.md): 2-bit salient, a few fp16 columns per matrix, grid at 0.7 x absmax.
+    (docs/compression.md): GPTQ codes at 1 and 2 bits, allocated over the matrices within 1.5 bits
+    per parameter, step sizes then distilled for 20 steps.
     """
 
-    method: str = "salient"
+    method: str = "gptq-mixed"
     bits: int = 2
     salient: float | None = None
     target_bits: float | None = None  # None: 1.5 for the mixed methods, 2.1 for salient (see ``budget``)
     symmetric: bool = True
     clip_ratio: float | None = None  # grid extent / absmax; None: 0.7 at 2 bits, 1.0 otherwise (measured)
-    distill_steps: int = 0
+    distill_steps: int | None = None  # None: 20 for gptq-mixed, else 0 (see ``steps``)
     distill_lr: float = 2e-3
     calib_blocks: int = 16  # blocks of calib_len tokens for activation statistics and distillation
     calib_len: int = 256
+    hessian_blocks: int = 32  # GPTQ: further blocks for the input second moments (see expert_hessians)
     eval_blocks: int = 4  # further blocks kept out of calibration, for the fidelity stored in the manifest
 
     @property
@@ -32,6 +34,13 @@ class CompressConfig:
         if self.target_bits is not None:
             return self.target_bits
         return 1.5 if self.method in ("mixed", "gptq-mixed") else 2.1
+
+    @property
+    def steps(self) -> int:
+        """Distillation steps actually run (see ``distill_steps``)."""
+        if self.distill_steps is not None:
+            return self.distill_steps
+        return 20 if self.method == "gptq-mixed" else 0
 
     @property
     def clip(self) -> float:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from meswitch.compress.quant import QuantizedDelta, _to_f16, check_delta, dequantize, qparams, quantize
+from meswitch.compress.quant import QuantizedDelta, _to_f16, check_delta, qparams
 
 DAMP = 0.01  # fraction of the mean diagonal added to H before inverting (GPTQ's default)
 BLOCK = 128  # columns per lazy-update block
@@ -50,6 +50,8 @@ def gptq_codes(delta: Tensor, hessian: Tensor, scale: Tensor, zero: Tensor | Non
     """Codes on the fixed grid ``(scale, zero)`` chosen column by column with error feedback.
 
     delta: ``[out, in]``; hessian: ``[in, in]``; scale/zero: ``[out]`` -> ``uint8 [out, in]``.
+    Columns go in their natural order: GPTQ's "act order" (largest ``H_ii`` first) was measured
+    to raise the math expert's KL by 30% at 1.5 bits.
     """
     w = check_delta(delta).detach().float().clone()
     out, n = w.shape
@@ -57,17 +59,24 @@ def gptq_codes(delta: Tensor, hessian: Tensor, scale: Tensor, zero: Tensor | Non
         raise ValueError(f"hessian must be [{n}, {n}] for a delta of {list(w.shape)}, got {list(hessian.shape)}")
     u = inverse_hessian_factor(hessian, damp).to(w.device)
     codes = torch.empty(out, n, dtype=torch.uint8, device=w.device)
+    # quantize()/dequantize() inlined (same operations, so the same codes) to keep the column loop lean
+    levels = 1 << bits
+    mid = (levels - 1) / 2
+    s = scale.detach().float().expand(out)
+    z = None if zero is None else zero.detach().float().expand(out)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = w[:, i1:i2]  # a view: updates land in w
         err = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            c = quantize(w1[:, i : i + 1], scale, zero, bits)
-            codes[:, i1 + i] = c[:, 0]
-            q = dequantize(c, scale, zero, bits)[:, 0]
-            e = (w1[:, i] - q) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            col = w1[:, i]
+            pos = col / s + mid if z is None else (col - z) / s
+            c = (pos + 0.5).floor_().clamp_(0, levels - 1)
+            codes[:, i1 + i] = c.to(torch.uint8)
+            q = (c - mid) * s if z is None else c * s + z
+            e = (col - q) / u1[i, i]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1)
             err[:, i] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
     return codes

@@ -11,13 +11,14 @@ from __future__ import annotations
 import random
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from meswitch.compress.calib import collect_act_sq, collect_hessians, linear_names
+from meswitch.compress.calib import collect_act_sq, collect_hessians, collect_output_grad_sq, linear_names
 from meswitch.compress.codec import encode_delta, layer_bits
 from meswitch.compress.config import CompressConfig
 from meswitch.data.chat import pack_blocks
@@ -63,19 +64,50 @@ def check_compatible(base: dict[str, torch.Tensor], expert: dict[str, torch.Tens
                 f"tensor {name!r}: base {list(t.shape)}, expert {list(expert[name].shape)}")
 
 
-def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig, extra: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[calib_blocks | eval_blocks | up to extra more]`` blocks of ``calib_len`` tokens: ids and masks."""
     shuffled = list(examples)
     random.Random(0).shuffle(shuffled)  # calibration files are often sorted by domain
     ids, mask = pack_blocks(shuffled, tok, cfg.calib_len, max_example_len=cfg.calib_len * 2)
     need = cfg.calib_blocks + cfg.eval_blocks
     if len(ids) < need:
         raise MeswitchError(f"calibration text gives {len(ids)} blocks of {cfg.calib_len} tokens; need {need}")
-    return ids[:need], mask[:need]
+    return ids[: need + extra], mask[: need + extra]
+
+
+class Hessians(NamedTuple):
+    """Input second moments per layer (``{name: [in, in]}``): ``fit`` chooses the GPTQ codes,
+    ``val`` (other calibration tokens) measures the output error the bit allocation compares, each
+    layer's rows weighted by ``g_sq`` (``{name: [out]}``, the loss gradient's second moment)."""
+
+    fit: dict[str, torch.Tensor]
+    val: dict[str, torch.Tensor]
+    g_sq: dict[str, torch.Tensor]
+
+    def allocation_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (H_val, g_sq)}`` for :func:`~meswitch.compress.allocate.hessian_error`."""
+        return {n: (h, self.g_sq[n]) for n, h in self.val.items()}
+
+
+def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig) -> Hessians:
+    """The :class:`Hessians` :func:`compress_model` would collect for a GPTQ ``cfg``.
+
+    Taken over the calibration blocks plus up to ``cfg.hessian_blocks`` more (never the blocks kept
+    for the stored fidelity); a quarter of them (at least one) is held out as ``val``.
+    """
+    ids, _ = _blocks(calib, tok, cfg, extra=cfg.hessian_blocks)
+    pool = torch.cat([ids[: cfg.calib_blocks], ids[cfg.calib_blocks + cfg.eval_blocks :]])
+    n_val = max(1, len(pool) // 4)
+    names = linear_names(expert)
+    return Hessians(collect_hessians(expert, pool[:-n_val].split(4), names),
+                    collect_hessians(expert, pool[-n_val:].split(4), names),
+                    collect_output_grad_sq(expert, pool[-n_val:].split(2), names))
 
 
 def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, calib: list[Example],
                    cfg: CompressConfig, act_sq: dict[str, torch.Tensor] | None = None,
-                   hessians: dict[str, torch.Tensor] | None = None) -> tuple[dict, dict, dict[str, Any]]:
+                   hessians: Hessians | None = None) -> tuple[dict, dict, dict[str, Any]]:
     """Compress ``expert`` against ``base`` (both fp32 HF models; ``base`` is modified in place).
 
     act_sq, hessians: calibration statistics from :func:`expert_act_sq` and :func:`expert_hessians`
@@ -97,8 +129,8 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         needs_act = cfg.method in ("salient", "sign2d", "mixed")
         act_sq = collect_act_sq(expert, cal_ids.split(4), names) if needs_act else {}
     if hessians is None and cfg.method in GPTQ_METHODS:
-        hessians = collect_hessians(expert, cal_ids.split(4), names)
-    hessians = hessians or {}
+        hessians = expert_hessians(expert, tok, calib, cfg)
+    hessians = hessians or Hessians({}, {}, {})
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     meta: dict[str, dict[str, Any]] = {}
@@ -106,9 +138,10 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         from meswitch.compress.allocate import GPTQ_LADDER, LADDER, allocate, hessian_error, output_error
 
         getters = {n: (lambda w=f"{n}.weight": e_state[w] - b_state[w]) for n in names}
-        ladder, stats, error = ((GPTQ_LADDER, hessians, hessian_error) if cfg.method == "gptq-mixed"
-                                else (LADDER, act_sq, output_error))
-        for name, (fields, m) in allocate(getters, stats, cfg.budget, ladder, error).items():
+        ladder, stats, error, error_stats = ((GPTQ_LADDER, hessians.fit, hessian_error,
+                                              hessians.allocation_stats())
+                                             if cfg.method == "gptq-mixed" else (LADDER, act_sq, output_error, None))
+        for name, (fields, m) in allocate(getters, stats, cfg.budget, ladder, error, error_stats).items():
             layers[name], meta[name] = fields, m
     else:
         for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
@@ -116,7 +149,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
             delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
             k = salient_k(cfg, *delta.shape)
             layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
-                                                    cfg.symmetric, cfg.clip, hessians.get(name))
+                                                    cfg.symmetric, cfg.clip, hessians.fit.get(name))
     linear_weights = {f"{n}.weight" for n in names}
     unchanged = []
     stored: set[int] = set()  # tied tensors (embeddings = lm_head) appear under two names: store once
@@ -134,10 +167,10 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     dense = {n for n, m in meta.items() if m["method"] == "dense"}
     apply_delta(base, {n: layers[n] for n in dense}, {n: meta[n] for n in dense})
     distill_losses: list[float] = []
-    if cfg.distill_steps > 0:
+    if cfg.steps > 0:
         from meswitch.compress.distill import tune_grids
 
-        distill_losses = tune_grids(base, expert, layers, meta, cal_ids, cal_mask, cfg.distill_steps,
+        distill_losses = tune_grids(base, expert, layers, meta, cal_ids, cal_mask, cfg.steps,
                                     cfg.distill_lr)
     quantized = [n for n in meta if n not in dense]
     apply_delta(base, {n: layers[n] for n in quantized}, {n: meta[n] for n in quantized})
@@ -150,7 +183,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     all_bytes = sum(t.numel() * t.element_size() for f in layers.values() for t in f.values())
     n_params = sum(t.numel() for n, t in e_state.items() if n != "lm_head.weight" or not base.config.tie_word_embeddings)
     info = {
-        "config": {**asdict(cfg), "clip": cfg.clip},
+        "config": {**asdict(cfg), "clip": cfg.clip, "budget": cfg.budget, "steps": cfg.steps},
         "bits_per_param": 8 * lin_bytes / lin_params,
         "delta_params": lin_params,
         "bytes": all_bytes,
@@ -173,22 +206,22 @@ def expert_act_sq(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
     return collect_act_sq(expert, ids[: cfg.calib_blocks].split(4), linear_names(expert))
 
 
-def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig
-                    ) -> dict[str, torch.Tensor]:
-    """The input second-moment matrices :func:`compress_model` would collect for a GPTQ ``cfg``."""
-    ids, _ = _blocks(calib, tok, cfg)
-    return collect_hessians(expert, ids[: cfg.calib_blocks].split(4), linear_names(expert))
+def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path,
+                        calib: list[Example] | Mapping[str, list[Example]], cfg: CompressConfig,
+                        overwrite: bool = True) -> dict[str, dict[str, Any]]:
+    """Compress each ``name -> checkpoint dir`` against ``base_dir`` and add it to the store at ``store_path``.
 
-
-def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path, calib: list[Example],
-                        cfg: CompressConfig, overwrite: bool = True) -> dict[str, dict[str, Any]]:
-    """Compress each ``name -> checkpoint dir`` against ``base_dir`` and add it to the store at ``store_path``."""
+    calib: one calibration set for every expert, or ``{name: examples}`` (e.g. each expert's own
+    domain text, as ``meswitch compress --zoo`` does).
+    """
     from meswitch.model.checkpoint import load_checkpoint
     from meswitch.store import DeltaStore, base_info, fingerprint_model
     from meswitch.store.manifest import check_name
 
     for name in experts:
         check_name(name)  # fail before minutes of work, not after
+        if isinstance(calib, Mapping) and name not in calib:
+            raise MeswitchError(f"no calibration text for expert {name!r}")
     base, tok = load_checkpoint(base_dir)
     store = DeltaStore.create(store_path, fingerprint_model(base), base_info(base))
     store.set_extra("base_path", str(Path(base_dir).resolve()))
@@ -197,7 +230,7 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
         if base is None:  # compression edits the base in place: a fresh copy per expert
             base, tok = load_checkpoint(base_dir)
         expert, _ = load_checkpoint(exp_dir)
-        layers, meta, info = compress_model(base, expert, tok, calib, cfg)
+        layers, meta, info = compress_model(base, expert, tok, calib[name] if isinstance(calib, Mapping) else calib, cfg)
         info["reference_path"] = str(Path(exp_dir).resolve())
         store.add_expert(name, layers, meta, info, overwrite=overwrite)
         results[name] = info

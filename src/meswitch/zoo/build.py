@@ -58,6 +58,13 @@ class ZooPaths:
         return self.root / "report.json"
 
 
+def expert_calibration(size: str, paths: ZooPaths) -> dict[str, Path]:
+    """Each expert's calibration text: the training split of its own domain (never its test split)."""
+    from meswitch.zoo.recipe import get_recipe
+
+    return {name: paths.split(domain, "train") for name, domain in get_recipe(size).experts}
+
+
 def zoo_dir(size: str, out: Path | None = None) -> Path:
     """Where the zoo of ``size`` lives: ``out`` if given, else ``<cache>/zoo/<size>``."""
     get_recipe(size)
