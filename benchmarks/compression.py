@@ -96,6 +96,8 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
             CompressConfig(**over).method in GPTQ_METHODS and (not only or label in only)
             for label, over in settings(distill_steps)) else None
         hess_s = time.perf_counter() - t0
+        rungs: dict = {}  # the GPTQ ladder's encodings, shared by this expert's gptq-mixed settings
+        encode_s = 0.0  # ... and the time the first of them took, charged to each later one too
         for label, over in settings(distill_steps):
             if only and label not in only:
                 continue
@@ -104,8 +106,10 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
             t0 = time.perf_counter()
             with PeakRSS() as mem:
                 _, _, info = compress_model(student, expert, tok, calib, cfg,
-                                            act_sq=act, hessians=hess)
+                                            act_sq=act, hessians=hess, rung_cache=rungs)
             seconds = time.perf_counter() - t0
+            if cfg.method == "gptq-mixed":
+                encode_s, seconds = (seconds, seconds) if not encode_s else (encode_s, seconds + encode_s)
             seconds += hess_s if cfg.method in GPTQ_METHODS else act_s if cfg.method in ("salient", "sign2d", "mixed") else 0
             fid = compare_to_states(states, expert.get_output_embeddings(), student)
             nominal = (1 if cfg.method in ("bitdelta", "sign2d") else None if cfg.method in ("mixed", "gptq-mixed")

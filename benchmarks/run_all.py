@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 # distillation and ME-Switch at its best setting, GPTQ and the mixed GPTQ budgets; the ablations (clip,
 # asymmetric grids, the older mixed ladder) are left to `python benchmarks/compression.py` without --settings.
 COMPRESSION_SETTINGS = ("rtn-1,rtn-2,rtn-3,rtn-4,bitdelta,bitdelta+distill,salient-1,salient-2,salient-3,"
-                        "salient-4,salient-2@2.1,sign2d-1@1.5,gptq-1,gptq-2,gptq-mixed@1.25,gptq-mixed@1.5,default")
+                        "salient-2@2.1,sign2d-1@1.5,gptq-1,gptq-2,gptq-mixed@1.25,gptq-mixed@1.5,default")
 
 
 @dataclass

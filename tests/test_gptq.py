@@ -197,3 +197,17 @@ def test_output_gradients_match_autograd_and_leave_the_model_alone():
     want = kept["y"].grad.reshape(-1, kept["y"].shape[-1]).square().mean(0)
     torch.testing.assert_close(got["model.layers.1.mlp.down_proj"], want, rtol=1e-4, atol=1e-10)
     assert got["model.layers.1.mlp.down_proj"].shape == (target.out_features,)
+
+
+def test_rung_cache_gives_the_same_choice_under_another_budget():
+    g = torch.Generator().manual_seed(9)
+    deltas = {f"m{i}": torch.randn(16, 32, generator=g) for i in range(4)}
+    stats = {n: correlated(32, seed=i) * (i + 1) for i, n in enumerate(deltas)}
+    getters = {n: (lambda d=d: d) for n, d in deltas.items()}
+    cache: dict = {}
+    for bits in (1.4, 1.9, 2.6):
+        fresh = allocate(getters, stats, bits, GPTQ_LADDER, hessian_error)
+        cached = allocate(getters, stats, bits, GPTQ_LADDER, hessian_error, cache=cache)
+        assert {n: m["rung"] for n, (_, m) in fresh.items()} == {n: m["rung"] for n, (_, m) in cached.items()}
+        assert all(torch.equal(fresh[n][0]["codes"], cached[n][0]["codes"]) for n in deltas)
+    assert set(cache) == set(deltas)

@@ -64,6 +64,7 @@ def allocate(
     ladder: Sequence[tuple[str, Rung]] = LADDER,
     error: Callable[[Tensor, Encoded, Tensor | None], float] = output_error,
     error_stats: dict[str, Tensor] | None = None,
+    cache: dict[str, list] | None = None,
 ) -> dict[str, Encoded]:
     """Pick one rung per matrix so that total bits / total parameters <= ``target_bits``.
 
@@ -78,6 +79,10 @@ def allocate(
     rungs: dict[str, list[tuple[Encoded, float, int]]] = {}
     params = 0
     for name, get in tqdm(deltas.items(), desc="encode", unit="layer", dynamic_ncols=True):
+        if cache is not None and name in cache:
+            rungs[name], n = cache[name]
+            params += n
+            continue
         d = get()
         params += d.numel()
         a = act_sq.get(name)
@@ -85,6 +90,8 @@ def allocate(
         for _, enc in ladder:
             e = enc(d, a)
             rungs[name].append((e, error(d, e, a if error_stats is None else error_stats.get(name)), nbytes(e[0])))
+        if cache is not None:
+            cache[name] = (rungs[name], d.numel())
         del d
     budget = target_bits * params / 8
     level = dict.fromkeys(rungs, 0)

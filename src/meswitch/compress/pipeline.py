@@ -107,11 +107,13 @@ def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg
 
 def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, calib: list[Example],
                    cfg: CompressConfig, act_sq: dict[str, torch.Tensor] | None = None,
-                   hessians: Hessians | None = None) -> tuple[dict, dict, dict[str, Any]]:
+                   hessians: Hessians | None = None, rung_cache: dict | None = None
+                   ) -> tuple[dict, dict, dict[str, Any]]:
     """Compress ``expert`` against ``base`` (both fp32 HF models; ``base`` is modified in place).
 
     act_sq, hessians: calibration statistics from :func:`expert_act_sq` and :func:`expert_hessians`
-    to reuse across settings (else computed when the method needs them).
+    to reuse across settings (else computed when the method needs them); rung_cache: a dict kept
+    across ``gptq-mixed`` runs of one expert with the same statistics, so its encodings are reused.
     Returns (layers, layer_meta, info) ready for ``DeltaStore.add_expert``.
     """
     from tqdm.auto import tqdm
@@ -141,7 +143,8 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         ladder, stats, error, error_stats = ((GPTQ_LADDER, hessians.fit, hessian_error,
                                               hessians.allocation_stats())
                                              if cfg.method == "gptq-mixed" else (LADDER, act_sq, output_error, None))
-        for name, (fields, m) in allocate(getters, stats, cfg.budget, ladder, error, error_stats).items():
+        for name, (fields, m) in allocate(getters, stats, cfg.budget, ladder, error, error_stats,
+                                              rung_cache if cfg.method == "gptq-mixed" else None).items():
             layers[name], meta[name] = fields, m
     else:
         for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
