@@ -201,8 +201,8 @@ def test_output_gradients_match_autograd_and_leave_the_model_alone():
 
 def test_rung_cache_gives_the_same_choice_under_another_budget():
     g = torch.Generator().manual_seed(9)
-    deltas = {f"m{i}": torch.randn(16, 32, generator=g) for i in range(4)}
-    stats = {n: correlated(32, seed=i) * (i + 1) for i, n in enumerate(deltas)}
+    deltas = {f"m{i}": torch.randn(16, 64, generator=g) for i in range(4)}
+    stats = {n: correlated(64, seed=i) * (i + 1) for i, n in enumerate(deltas)}
     getters = {n: (lambda d=d: d) for n, d in deltas.items()}
     cache: dict = {}
     for bits in (1.4, 1.9, 2.6):
