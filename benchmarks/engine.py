@@ -42,7 +42,8 @@ WARMUP = 20  # decode steps before timing: loads, and merges after EngineConfig.
 
 
 def many_experts_store(src, n: int, root: Path):
-    """A store holding ``n`` experts: ``src``'s experts round-robin under new names (cached at ``root``)."""
+    """A store holding ``n`` experts: ``src``'s experts round-robin under new names (cached at ``root``;
+    a copy whose source expert has since been recompressed is replaced)."""
     from meswitch.store import DeltaStore
     from meswitch.store.manifest import RESERVED_LAYER_KEYS
 
@@ -51,10 +52,12 @@ def many_experts_store(src, n: int, root: Path):
     store = DeltaStore.create(root, src.base["fingerprint"], {k: v for k, v in src.base.items() if k != "fingerprint"})
     store.set_extra("base_path", src.extra["base_path"])
     for i, name in enumerate(want):
-        if name not in store.experts:
-            layers, entry = src.load_expert(names[i % len(names)])
-            meta = {lay: {k: v for k, v in m.items() if k not in RESERVED_LAYER_KEYS} for lay, m in entry["layers"].items()}
-            store.add_expert(name, layers, meta, entry["meta"])
+        source = src.expert_meta(names[i % len(names)])["sha256"]
+        if name in store.experts and store.expert_meta(name)["meta"].get("source_sha256") == source:
+            continue  # a copy of the source's current version: keep it
+        layers, entry = src.load_expert(names[i % len(names)])
+        meta = {lay: {k: v for k, v in m.items() if k not in RESERVED_LAYER_KEYS} for lay, m in entry["layers"].items()}
+        store.add_expert(name, layers, meta, {**entry["meta"], "source_sha256": entry["sha256"]}, overwrite=True)
     return store, want
 
 

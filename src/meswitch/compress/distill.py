@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from meswitch.compress.codec import decode_salient
 from meswitch.compress.pack import unpack
@@ -72,15 +73,26 @@ class LearnableDelta(nn.Module):
 
 
 class DeltaLinear(nn.Module):
-    """``y = x (W_base + delta)^T``: a base linear layer plus a learnable quantized delta."""
+    """``y = x W_base^T + x delta^T``: a base linear layer plus a learnable quantized delta.
+
+    The dense delta is rebuilt in the backward pass (activation checkpointing) instead of being kept
+    for it: one layer's ``[out, in]`` at a time instead of a copy of every weight of the model
+    (measured: distillation raised peak memory by ~2.5 GB on the 135M zoo without this).
+    """
 
     def __init__(self, base: nn.Linear, delta: LearnableDelta):
         super().__init__()
         self.base = base  # kept whole, so :func:`detach` can put it back
         self.delta = delta
 
+    def _delta_out(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.delta())
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.base.weight + self.delta(), self.base.bias)
+        y = F.linear(x, self.base.weight, self.base.bias)
+        if not torch.is_grad_enabled():
+            return y + self._delta_out(x)
+        return y + checkpoint(self._delta_out, x, use_reentrant=False)
 
 
 def attach(model: nn.Module, layers: dict[str, dict[str, Tensor]], meta: dict[str, dict[str, Any]]) -> list[str]:
