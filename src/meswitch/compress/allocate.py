@@ -51,9 +51,10 @@ def hessian_error(delta: Tensor, encoded: Encoded, stat: Tensor | tuple[Tensor, 
     """
     if stat is None:
         return output_error(delta, encoded, None)
+    from meswitch.compress.gptq import row_output_error
+
     hessian, g_sq = stat if isinstance(stat, tuple) else (stat, None)
-    e = decode_delta(*encoded) - delta.float()
-    per_row = ((e @ hessian.float()) * e).sum(1)
+    per_row = row_output_error(delta, decode_delta(*encoded), hessian)
     return float(per_row.sum() if g_sq is None else per_row @ g_sq.float())
 
 

@@ -115,7 +115,12 @@ def gptq(delta: Tensor, hessian: Tensor, bits: int, clip_ratio: float | None = N
     return QuantizedDelta(codes, scale, None, bits)
 
 
+def row_output_error(delta: Tensor, deq: Tensor, hessian: Tensor) -> Tensor:
+    """``(E H E^T)_jj`` per output row ``j``, ``E = delta - deq``: ``[out]``."""
+    e = delta.float() - deq.float()
+    return ((e @ hessian.float()) * e).sum(1)
+
+
 def output_error(delta: Tensor, deq: Tensor, hessian: Tensor) -> float:
     """``tr((delta - deq) H (delta - deq)^T)``: expected squared output error per token."""
-    e = delta.float() - deq.float()
-    return float(((e @ hessian.float()) * e).sum())
+    return float(row_output_error(delta, deq, hessian).sum())

@@ -90,16 +90,20 @@ class Hessians(NamedTuple):
         return {n: (h, self.g_sq[n]) for n, h in self.val.items()}
 
 
-def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig) -> Hessians:
+def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig,
+                    allocation: bool = True) -> Hessians:
     """The :class:`Hessians` :func:`compress_model` would collect for a GPTQ ``cfg``.
 
     Taken over the calibration blocks plus up to ``cfg.hessian_blocks`` more (never the blocks kept
-    for the stored fidelity); a quarter of them (at least one) is held out as ``val``.
+    for the stored fidelity); for a bit ``allocation`` a quarter of them (at least one) is held out
+    as ``val`` and ``g_sq`` is measured on it; without, ``fit`` takes every block and the rest is empty.
     """
     ids, _ = _blocks(calib, tok, cfg, extra=cfg.hessian_blocks)
     pool = torch.cat([ids[: cfg.calib_blocks], ids[cfg.calib_blocks + cfg.eval_blocks :]])
-    n_val = max(1, len(pool) // 4)
     names = linear_names(expert)
+    if not allocation:
+        return Hessians(collect_hessians(expert, pool.split(4), names), {}, {})
+    n_val = max(1, len(pool) // 4)
     return Hessians(collect_hessians(expert, pool[:-n_val].split(4), names),
                     collect_hessians(expert, pool[-n_val:].split(4), names),
                     collect_output_grad_sq(expert, pool[-n_val:].split(2), names))
@@ -131,7 +135,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         needs_act = cfg.method in ("salient", "sign2d", "mixed")
         act_sq = collect_act_sq(expert, cal_ids.split(4), names) if needs_act else {}
     if hessians is None and cfg.method in GPTQ_METHODS:
-        hessians = expert_hessians(expert, tok, calib, cfg)
+        hessians = expert_hessians(expert, tok, calib, cfg, allocation=cfg.method == "gptq-mixed")
     hessians = hessians or Hessians({}, {}, {})
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
