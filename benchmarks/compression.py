@@ -61,7 +61,13 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
     import torch
 
     from meswitch.compress.config import CompressConfig
-    from meswitch.compress.pipeline import GPTQ_METHODS, compress_model, expert_act_sq, expert_hessians
+    from meswitch.compress.pipeline import (
+        ACT_SQ_METHODS,
+        GPTQ_METHODS,
+        compress_model,
+        expert_act_sq,
+        expert_hessians,
+    )
     from meswitch.data.chat import padded_batches
     from meswitch.data.examples import read_jsonl
     from meswitch.errors import CacheError
@@ -108,9 +114,12 @@ def run(zoo: str, distill_steps: int, limit: int, experts: list[str] | None,
                 _, _, info = compress_model(student, expert, tok, calib, cfg,
                                             act_sq=act, hessians=hess, rung_cache=rungs)
             seconds = time.perf_counter() - t0
-            if cfg.method == "gptq-mixed":
-                encode_s, seconds = (seconds, seconds) if not encode_s else (encode_s, seconds + encode_s)
-            seconds += hess_s if cfg.method in GPTQ_METHODS else act_s if cfg.method in ("salient", "sign2d", "mixed") else 0
+            if cfg.method == "gptq-mixed":  # the first one encoded the ladder; later ones reuse it
+                if encode_s:
+                    seconds += encode_s
+                else:
+                    encode_s = seconds
+            seconds += hess_s if cfg.method in GPTQ_METHODS else act_s if cfg.method in ACT_SQ_METHODS else 0
             fid = compare_to_states(states, expert.get_output_embeddings(), student)
             nominal = (1 if cfg.method in ("bitdelta", "sign2d") else None if cfg.method in ("mixed", "gptq-mixed")
                        else cfg.bits)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from meswitch.compress.quant import QuantizedDelta, _to_f16, check_delta, qparams
+from meswitch.compress.quant import SCALE_FLOOR, QuantizedDelta, _to_f16, check_delta, qparams
 
 DAMP = 0.01  # fraction of the mean diagonal added to H before inverting (GPTQ's default)
 BLOCK = 128  # columns per lazy-update block
@@ -110,7 +110,7 @@ def gptq(delta: Tensor, hessian: Tensor, bits: int, clip_ratio: float | None = N
     codes = gptq_codes(delta, hessian, scale, None, bits, damp)
     for _ in range(rounds):
         fit = refit_scale(delta, hessian, codes, bits)
-        scale = torch.where(fit > 0, _to_f16(fit.clamp_min(2.0**-24), up=True), scale)
+        scale = torch.where(fit > 0, _to_f16(fit.clamp_min(SCALE_FLOOR), up=True), scale)
         codes = gptq_codes(delta, hessian, scale, None, bits, damp)
     return QuantizedDelta(codes, scale, None, bits)
 

@@ -25,7 +25,8 @@ from meswitch.data.chat import pack_blocks
 from meswitch.data.examples import Example
 from meswitch.errors import MeswitchError
 
-GPTQ_METHODS = ("gptq", "gptq-mixed")
+GPTQ_METHODS = ("gptq", "gptq-mixed")  # need the input second moments (expert_hessians)
+ACT_SQ_METHODS = ("salient", "sign2d", "mixed")  # need the per-channel activation statistics
 
 
 class ArchitectureMismatchError(MeswitchError):
@@ -132,8 +133,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     cal_ids, cal_mask = ids[: cfg.calib_blocks], mask[: cfg.calib_blocks]
     names = linear_names(expert)
     if act_sq is None:
-        needs_act = cfg.method in ("salient", "sign2d", "mixed")
-        act_sq = collect_act_sq(expert, cal_ids.split(4), names) if needs_act else {}
+        act_sq = collect_act_sq(expert, cal_ids.split(4), names) if cfg.method in ACT_SQ_METHODS else {}
     if hessians is None and cfg.method in GPTQ_METHODS:
         hessians = expert_hessians(expert, tok, calib, cfg, allocation=cfg.method == "gptq-mixed")
     hessians = hessians or Hessians({}, {}, {})
