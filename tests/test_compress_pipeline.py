@@ -236,3 +236,49 @@ def test_changed_tied_embeddings_are_stored_once_as_dense(pair, smollm_tokenizer
     merged = apply_delta(copy.deepcopy(base), layers, meta)
     ids = torch.randint(0, VOCAB, (1, 16))
     assert torch.allclose(merged(ids).logits, expert(ids).logits, atol=1e-3)
+
+
+def _distilled(base, expert, checkpoint_blocks: bool):
+    """Grid gains after 3 distillation steps of base + rtn-2 deltas towards ``expert``, and the losses."""
+    from meswitch.compress.calib import linear_names
+    from meswitch.compress.distill import attach, distill
+
+    student = copy.deepcopy(base)
+    layers, meta = {}, {}
+    for n in linear_names(expert):
+        layers[n], meta[n] = encode_delta(expert.get_submodule(n).weight - base.get_submodule(n).weight, "rtn", 2)
+    attach(student, layers, meta)
+    ids = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :7] = False
+    losses = distill(student, expert, ids, mask, 3, 0.05, checkpoint_blocks=checkpoint_blocks)
+    return losses, {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+
+def test_block_checkpointing_leaves_distillation_unchanged():
+    base = tiny_llama(layers=3)
+    expert = perturbed(base, 3, rel=0.3)
+    kept_losses, kept = _distilled(base, expert, checkpoint_blocks=False)
+    losses, tuned = _distilled(base, expert, checkpoint_blocks=True)
+    assert losses == kept_losses and kept.keys() == tuned.keys()
+    assert all(torch.equal(tuned[n], kept[n]) for n in kept)
+    assert not any(torch.equal(t, torch.zeros_like(t)) for t in tuned.values())  # the gains did move
+    assert "forward" not in vars(base.model.layers[0])  # the blocks are plain again
+
+
+def test_chunked_kl_matches_the_whole_vocabulary_at_once():
+    import torch.nn.functional as F
+
+    from meswitch.compress.distill import kl_backward
+
+    g = torch.Generator().manual_seed(6)
+    head_s, head_t = (torch.nn.Linear(16, 300, bias=False).requires_grad_(False) for _ in range(2))
+    x = torch.randn(50, 16, generator=g, requires_grad=True)
+    h_t = torch.randn(50, 16, generator=g)
+    want_loss = F.kl_div(F.log_softmax(head_s(x * 2), -1), F.log_softmax(head_t(h_t), -1).detach(),
+                         log_target=True, reduction="batchmean")
+    want_loss.backward()
+    want, x.grad = x.grad.clone(), None
+    loss = kl_backward(x * 2, h_t, head_s, head_t, chunk=16)  # chunks of 16, 16, 16, 2 tokens
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-8)
+    assert loss == pytest.approx(want_loss.item(), rel=1e-6)

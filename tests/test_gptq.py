@@ -211,3 +211,50 @@ def test_rung_cache_gives_the_same_choice_under_another_budget():
         assert {n: m["rung"] for n, (_, m) in fresh.items()} == {n: m["rung"] for n, (_, m) in cached.items()}
         assert all(torch.equal(fresh[n][0]["codes"], cached[n][0]["codes"]) for n in deltas)
     assert set(cache) == set(deltas)
+
+
+def test_hessians_by_block_are_collect_hessians_one_block_at_a_time():
+    from meswitch.compress.calib import hessians_by_block
+
+    model = tiny_llama(layers=3)
+    names = linear_names(model)
+    ids = torch.randint(0, 128, (7, 20), generator=torch.Generator().manual_seed(4))
+    sets = [ids[:5].split(2), ids[5:].split(2)]  # uneven batches: 2, 2, 1
+    want = [collect_hessians(model, s, names) for s in sets]
+    seen = []
+    for inside, got in hessians_by_block(model, sets, names):
+        assert len(got) == 2 and all(set(g) == set(inside) for g in got)
+        for g, w in zip(got, want, strict=True):
+            for n in inside:
+                assert torch.equal(g[n], w[n]), n
+        assert got[0][inside[0]] is got[0][inside[1]]  # q and k share their input's matrix, as before
+        seen += inside
+    assert seen == names
+    with pytest.raises(ValueError, match="not inside the decoder blocks"):
+        next(hessians_by_block(model, sets, [*names, "lm_head"]))
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-mixed"])
+def test_streamed_statistics_store_what_all_at_once_statistics_store(method, smollm_tokenizer):
+    """compress_model's block-by-block statistics give the codes, scales and rungs of the statistics
+    of every layer collected at once (expert_hessians), distillation included."""
+    from meswitch.compress.pipeline import compress_model, expert_hessians
+
+    calib = domain_examples("math", 40, 0) + domain_examples("general", 40, 0)
+    base = tiny_llama(vocab=VOCAB, layers=3)
+    expert = perturbed(base, 1)
+    cfg = _small(method=method, bits=1, target_bits=1.5, distill_steps=2)
+    hess = expert_hessians(expert, smollm_tokenizer, calib, cfg, allocation=method == "gptq-mixed")
+    old_layers, old_meta, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg, hessians=hess)
+    cache: dict = {}
+    runs = [compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg, rung_cache=cache)]
+    if method == "gptq-mixed":  # a second run takes every ladder from the cache, no statistics
+        assert set(cache) == set(linear_names(expert))
+        runs.append(compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg, rung_cache=cache))
+    assert method == "gptq" or {m.get("rung") for m in old_meta.values()} >= {"gptq1", "gptq2"}
+    for layers, meta, _ in runs:
+        assert meta == old_meta and list(layers) == list(old_layers)
+        for name, fields in old_layers.items():
+            assert fields.keys() == layers[name].keys(), name
+            for k, t in fields.items():
+                assert torch.equal(t, layers[name][k]), (name, k)

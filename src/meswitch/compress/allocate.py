@@ -58,42 +58,27 @@ def hessian_error(delta: Tensor, encoded: Encoded, stat: Tensor | tuple[Tensor, 
     return float(per_row.sum() if g_sq is None else per_row @ g_sq.float())
 
 
-def allocate(
-    deltas: dict[str, Callable[[], Tensor]],
-    act_sq: dict[str, Tensor],
-    target_bits: float,
-    ladder: Sequence[tuple[str, Rung]] = LADDER,
-    error: Callable[[Tensor, Encoded, Tensor | None], float] = output_error,
-    error_stats: dict[str, Tensor] | None = None,
-    cache: dict[str, list] | None = None,
-) -> dict[str, Encoded]:
-    """Pick one rung per matrix so that total bits / total parameters <= ``target_bits``.
+Rungs = list[tuple[Encoded, float, int]]  # per ladder rung: (encoding, proxy error, stored bytes)
 
-    deltas: name -> a function returning ``delta: [out, in]`` (called once per matrix; the dense delta
-    is dropped after its rungs are encoded). act_sq: name -> the statistic the ladder's rungs and
-    ``error`` take (``act_sq: [in]``, or ``H: [in, in]`` for :data:`GPTQ_LADDER` with
-    :func:`hessian_error`). error_stats: the statistic ``error`` measures with, when it should come
-    from other tokens than the encoding's (default: ``act_sq``). Returns name -> (fields, meta).
+
+def encode_rungs(delta: Tensor, stat: Tensor | None, ladder: Sequence[tuple[str, Rung]] = LADDER,
+                 error: Callable[[Tensor, Encoded, Any], float] = output_error, error_stat: Any = None) -> Rungs:
+    """Every rung of ``ladder`` for one ``delta: [out, in]``: its encoding (made with ``stat``), the proxy
+    ``error`` measured with ``error_stat`` and the stored bytes. What :func:`choose` needs of a matrix."""
+    out = []
+    for _, enc in ladder:
+        e = enc(delta, stat)
+        out.append((e, error(delta, e, error_stat), nbytes(e[0])))
+    return out
+
+
+def choose(rungs: dict[str, Rungs], params: int, target_bits: float,
+           ladder: Sequence[tuple[str, Rung]] = LADDER) -> dict[str, Encoded]:
+    """Pick one rung per matrix so that total bytes <= ``target_bits * params / 8`` (see module docstring).
+
+    rungs: name -> :func:`encode_rungs` of that matrix; params: the delta parameters of all of them.
+    Returns name -> (fields, meta) with ``meta["rung"]`` the ladder label.
     """
-    from tqdm.auto import tqdm
-
-    rungs: dict[str, list[tuple[Encoded, float, int]]] = {}
-    params = 0
-    for name, get in tqdm(deltas.items(), desc="encode", unit="layer", dynamic_ncols=True):
-        if cache is not None and name in cache:
-            rungs[name], n = cache[name]
-            params += n
-            continue
-        d = get()
-        params += d.numel()
-        a = act_sq.get(name)
-        rungs[name] = []
-        for _, enc in ladder:
-            e = enc(d, a)
-            rungs[name].append((e, error(d, e, a if error_stats is None else error_stats.get(name)), nbytes(e[0])))
-        if cache is not None:
-            cache[name] = (rungs[name], d.numel())
-        del d
     budget = target_bits * params / 8
     level = dict.fromkeys(rungs, 0)
     spent = sum(r[0][2] for r in rungs.values())
@@ -126,6 +111,43 @@ def allocate(
         fields, meta = rungs[name][i][0]
         out[name] = (fields, {**meta, "rung": ladder[i][0]})
     return out
+
+
+def allocate(
+    deltas: dict[str, Callable[[], Tensor]],
+    act_sq: dict[str, Tensor],
+    target_bits: float,
+    ladder: Sequence[tuple[str, Rung]] = LADDER,
+    error: Callable[[Tensor, Encoded, Tensor | None], float] = output_error,
+    error_stats: dict[str, Tensor] | None = None,
+    cache: dict[str, list] | None = None,
+) -> dict[str, Encoded]:
+    """Pick one rung per matrix so that total bits / total parameters <= ``target_bits``.
+
+    deltas: name -> a function returning ``delta: [out, in]`` (called once per matrix; the dense delta
+    is dropped after its rungs are encoded). act_sq: name -> the statistic the ladder's rungs and
+    ``error`` take (``act_sq: [in]``, or ``H: [in, in]`` for :data:`GPTQ_LADDER` with
+    :func:`hessian_error`). error_stats: the statistic ``error`` measures with, when it should come
+    from other tokens than the encoding's (default: ``act_sq``). cache: name -> (rungs, params),
+    filled here and reused by a later call with the same statistics. Returns name -> (fields, meta).
+    """
+    from tqdm.auto import tqdm
+
+    rungs: dict[str, Rungs] = {}
+    params = 0
+    for name, get in tqdm(deltas.items(), desc="encode", unit="layer", dynamic_ncols=True):
+        if cache is not None and name in cache:
+            rungs[name], n = cache[name]
+            params += n
+            continue
+        d = get()
+        params += d.numel()
+        a = act_sq.get(name)
+        rungs[name] = encode_rungs(d, a, ladder, error, a if error_stats is None else error_stats.get(name))
+        if cache is not None:
+            cache[name] = (rungs[name], d.numel())
+        del d
+    return choose(rungs, params, target_bits, ladder)
 
 
 def describe(choice: dict[str, Encoded]) -> dict[str, int]:

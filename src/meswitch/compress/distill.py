@@ -7,6 +7,7 @@ learnable ``g`` and ``z`` (scale-free parametrisation: one learning rate fits ev
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -14,9 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from meswitch.compress.blocks import checkpointed_blocks
 from meswitch.compress.codec import decode_salient
 from meswitch.compress.pack import unpack
 from meswitch.compress.quant import dequantize, sign2d_dequantize
+
+KL_CHUNK = 128  # tokens whose [chunk, vocab] log-probabilities are alive at once in the distillation loss
 
 
 class LearnableDelta(nn.Module):
@@ -140,6 +144,29 @@ def tune_grids(
     return losses
 
 
+def kl_backward(h_student: Tensor, h_teacher: Tensor, head_student: nn.Module, head_teacher: nn.Module,
+                chunk: int = KL_CHUNK) -> float:
+    """Mean per-token ``KL(teacher || student)`` of the next-token distributions, backpropagated into
+    ``h_student``'s graph; returns the loss.
+
+    h_student: ``[N, H]`` final hidden states (with a graph), h_teacher: ``[N, H]`` (none); the heads
+    map them to ``[N, V]`` logits. Computed ``chunk`` tokens at a time (the gradient of one token's
+    KL involves only its own row), so ``[chunk, V]`` log-probabilities are alive, not ``[N, V]``.
+    """
+    n = h_student.shape[0]
+    leaf = h_student.detach().requires_grad_()
+    total = 0.0
+    for rows in torch.arange(n).split(chunk):
+        with torch.no_grad():
+            lp_t = F.log_softmax(head_teacher(h_teacher[rows]).float(), -1)
+        lp_s = F.log_softmax(head_student(leaf[rows]).float(), -1)
+        part = F.kl_div(lp_s, lp_t, log_target=True, reduction="sum") / n
+        part.backward()
+        total += part.item()
+    h_student.backward(leaf.grad)
+    return total
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -149,10 +176,13 @@ def distill(
     lr: float = 2e-3,
     batch_size: int = 2,
     desc: str = "distill",
+    checkpoint_blocks: bool = True,
 ) -> list[float]:
     """Minimise mean per-token KL(teacher || student) over the student's grid parameters.
 
-    blocks, masks: ``[B, L]`` calibration ids and the positions to score. Returns per-step losses.
+    blocks, masks: ``[B, L]`` calibration ids and the positions to score. checkpoint_blocks: recompute
+    each decoder block's activations in backward (:func:`checkpointed_blocks`; same gradients, less
+    memory, slower). Returns per-step losses.
     """
     from tqdm.auto import tqdm
 
@@ -166,21 +196,19 @@ def distill(
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
-    for step in bar:
-        i = (step * batch_size) % len(blocks)
-        ids, mask = blocks[i : i + batch_size], masks[i : i + batch_size]
-        sel = mask[:, 1:]
-        with torch.no_grad():
-            h = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
-            lp_t = F.log_softmax(teacher.get_output_embeddings()(h).float(), -1)
-        h = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
-        lp_s = F.log_softmax(student.get_output_embeddings()(h).float(), -1)
-        loss = F.kl_div(lp_s, lp_t, log_target=True, reduction="batchmean")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+    with checkpointed_blocks(student) if checkpoint_blocks else nullcontext():
+        for step in bar:
+            i = (step * batch_size) % len(blocks)
+            ids, mask = blocks[i : i + batch_size], masks[i : i + batch_size]
+            sel = mask[:, 1:]
+            with torch.no_grad():
+                h_t = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
+            h_s = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
+            losses.append(kl_backward(h_s, h_t, student.get_output_embeddings(), teacher.get_output_embeddings()))
+            del h_s, h_t
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix(kl=f"{losses[-1]:.4f}")
     return losses
 
 

@@ -11,14 +11,20 @@ from __future__ import annotations
 import random
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from meswitch.compress.calib import collect_act_sq, collect_hessians, collect_output_grad_sq, linear_names
+from meswitch.compress.calib import (
+    collect_act_sq,
+    collect_hessians,
+    collect_output_grad_sq,
+    hessians_by_block,
+    linear_names,
+)
 from meswitch.compress.codec import encode_delta, layer_bits
 from meswitch.compress.config import CompressConfig
 from meswitch.data.chat import pack_blocks
@@ -77,6 +83,13 @@ def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig, extra: int =
     return ids[: need + extra], mask[: need + extra]
 
 
+def _hessian_pool(tok: Any, calib: list[Example], cfg: CompressConfig) -> torch.Tensor:
+    """``[N, calib_len]`` token ids GPTQ's statistics are taken over: the calibration blocks and up to
+    ``cfg.hessian_blocks`` more, never the blocks kept for the stored fidelity."""
+    ids, _ = _blocks(calib, tok, cfg, extra=cfg.hessian_blocks)
+    return torch.cat([ids[: cfg.calib_blocks], ids[cfg.calib_blocks + cfg.eval_blocks :]])
+
+
 class Hessians(NamedTuple):
     """Input second moments per layer (``{name: [in, in]}``): ``fit`` chooses the GPTQ codes,
     ``val`` (other calibration tokens) measures the output error the bit allocation compares, each
@@ -99,8 +112,7 @@ def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg
     for the stored fidelity); for a bit ``allocation`` a quarter of them (at least one) is held out
     as ``val`` and ``g_sq`` is measured on it; without, ``fit`` takes every block and the rest is empty.
     """
-    ids, _ = _blocks(calib, tok, cfg, extra=cfg.hessian_blocks)
-    pool = torch.cat([ids[: cfg.calib_blocks], ids[cfg.calib_blocks + cfg.eval_blocks :]])
+    pool = _hessian_pool(tok, calib, cfg)
     names = linear_names(expert)
     if not allocation:
         return Hessians(collect_hessians(expert, pool.split(4), names), {}, {})
@@ -108,6 +120,51 @@ def expert_hessians(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg
     return Hessians(collect_hessians(expert, pool[:-n_val].split(4), names),
                     collect_hessians(expert, pool[-n_val:].split(4), names),
                     collect_output_grad_sq(expert, pool[-n_val:].split(2), names))
+
+
+def gptq_by_block(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig,
+                  deltas: Mapping[str, Callable[[], torch.Tensor]], rung_cache: dict | None = None
+                  ) -> dict[str, tuple[dict, dict]]:
+    """What :func:`compress_model` encodes for a GPTQ ``cfg`` with :func:`expert_hessians`' statistics,
+    holding one decoder block's input second moments at a time instead of every layer's.
+
+    deltas: name -> a function returning ``delta: [out, in]``, in ``linear_names`` order. ``gptq``:
+    each layer is encoded as soon as its block's ``H`` exists. ``gptq-mixed``: each layer's GPTQ
+    ladder (every rung's encoding, held-out error and bytes; kept in ``rung_cache``) is built as soon
+    as its block's ``H`` (fit and val) exists; then one global choice within ``cfg.budget``.
+    Returns name -> (fields, meta).
+    """
+    from tqdm.auto import tqdm
+
+    from meswitch.compress.allocate import GPTQ_LADDER, choose, encode_rungs, hessian_error
+
+    names = list(deltas)
+    mixed = cfg.method == "gptq-mixed"
+    cache = rung_cache if mixed and rung_cache is not None else {}
+    if mixed and all(n in cache for n in names):  # statistics not needed: every ladder is known
+        return choose({n: cache[n][0] for n in names}, sum(cache[n][1] for n in names), cfg.budget, GPTQ_LADDER)
+    pool = _hessian_pool(tok, calib, cfg)
+    n_val = max(1, len(pool) // 4) if mixed else 0
+    sets = [pool[: len(pool) - n_val].split(4), *([pool[-n_val:].split(4)] if mixed else [])]
+    g_sq = collect_output_grad_sq(expert, pool[-n_val:].split(2), names) if mixed else {}
+    out: dict[str, tuple[dict, dict]] = {}
+    bar = tqdm(total=len(names), desc="encode", unit="layer", dynamic_ncols=True)
+    for inside, hs in hessians_by_block(expert, sets, names):
+        for name in inside:
+            if name not in cache:
+                d = deltas[name]()
+                if mixed:
+                    cache[name] = (encode_rungs(d, hs[0][name], GPTQ_LADDER, hessian_error,
+                                                (hs[1][name], g_sq[name])), d.numel())
+                else:
+                    out[name] = encode_delta(d, "gptq", cfg.bits, hessian=hs[0][name])
+                del d
+            bar.update()
+        del hs  # this block's matrices go before the next block's are made
+    bar.close()
+    if not mixed:
+        return out
+    return choose({n: cache[n][0] for n in names}, sum(cache[n][1] for n in names), cfg.budget, GPTQ_LADDER)
 
 
 def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, calib: list[Example],
@@ -134,16 +191,17 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     names = linear_names(expert)
     if act_sq is None:
         act_sq = collect_act_sq(expert, cal_ids.split(4), names) if cfg.method in ACT_SQ_METHODS else {}
-    if hessians is None and cfg.method in GPTQ_METHODS:
-        hessians = expert_hessians(expert, tok, calib, cfg, allocation=cfg.method == "gptq-mixed")
     hessians = hessians or Hessians({}, {}, {})
 
     layers: dict[str, dict[str, torch.Tensor]] = {}
     meta: dict[str, dict[str, Any]] = {}
-    if cfg.method in ("mixed", "gptq-mixed"):
+    getters = {n: (lambda w=f"{n}.weight": e_state[w] - b_state[w]) for n in names}
+    if cfg.method in GPTQ_METHODS and not hessians.fit:  # statistics streamed, one block at a time
+        for name, (fields, m) in gptq_by_block(expert, tok, calib, cfg, getters, rung_cache).items():
+            layers[name], meta[name] = fields, m
+    elif cfg.method in ("mixed", "gptq-mixed"):
         from meswitch.compress.allocate import GPTQ_LADDER, LADDER, allocate, hessian_error, output_error
 
-        getters = {n: (lambda w=f"{n}.weight": e_state[w] - b_state[w]) for n in names}
         ladder, stats, error, error_stats = ((GPTQ_LADDER, hessians.fit, hessian_error,
                                               hessians.allocation_stats())
                                              if cfg.method == "gptq-mixed" else (LADDER, act_sq, output_error, None))
