@@ -178,7 +178,7 @@ def collect_output_grad_sq(model: nn.Module, blocks: Iterable[Tensor], names: li
     try:
         with checkpointed_blocks(model):  # one block's activations alive in backward, not every block's
             for ids in blocks:
-                hidden = body(input_ids=ids).last_hidden_state[:, :-1]
+                hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
                 flat = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_()
                 targets = ids[:, 1:].reshape(-1)
                 for rows in torch.arange(len(targets)).split(chunk):  # [chunk, vocab] logits at a time

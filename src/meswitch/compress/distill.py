@@ -202,8 +202,8 @@ def distill(
             ids, mask = blocks[i : i + batch_size], masks[i : i + batch_size]
             sel = mask[:, 1:]
             with torch.no_grad():
-                h_t = teacher.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
-            h_s = student.get_decoder()(input_ids=ids).last_hidden_state[:, :-1][sel]
+                h_t = teacher.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][sel]
+            h_s = student.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][sel]
             losses.append(kl_backward(h_s, h_t, student.get_output_embeddings(), teacher.get_output_embeddings()))
             del h_s, h_t
             opt.step()

@@ -22,13 +22,6 @@ class Fidelity:
         return asdict(self)
 
 
-def _scored_logprobs(model: nn.Module, ids: Tensor, mask: Tensor, attn: Tensor | None) -> Tensor:
-    """``[N, V]`` float32 log-probabilities at the positions that predict a scored token."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
-    h = hidden[:, :-1][mask[:, 1:]]
-    return F.log_softmax(model.get_output_embeddings()(h).float(), dim=-1)
-
-
 @torch.no_grad()
 def reference_states(
     reference: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor | None]]
@@ -39,28 +32,37 @@ def reference_states(
     """
     out = []
     for ids, mask, attn in batches:
-        hidden = reference.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+        hidden = reference.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         out.append((ids, mask, attn, hidden[:, :-1][mask[:, 1:]]))
     return out
 
 
 @torch.no_grad()
 def compare_to_states(
-    states: list[tuple[Tensor, Tensor, Tensor | None, Tensor]], head: nn.Module, candidate: nn.Module
+    states: list[tuple[Tensor, Tensor, Tensor | None, Tensor]], head: nn.Module, candidate: nn.Module,
+    chunk: int = 64,
 ) -> Fidelity:
-    """:func:`compare_models` against cached reference states; ``head`` is the reference's output layer."""
+    """:func:`compare_models` against cached reference states; ``head`` is the reference's output layer.
+
+    The ``[tokens, vocab]`` log-probabilities are taken ``chunk`` tokens at a time (memory).
+    """
     kl_sum = agree = 0.0
     nll_ref = nll_cand = 0.0
     n = 0
+    cand_head = candidate.get_output_embeddings()
     for ids, mask, attn, h_ref in states:
-        lp_ref = F.log_softmax(head(h_ref).float(), dim=-1)
-        lp_cand = _scored_logprobs(candidate, ids, mask, attn)
-        target = ids[:, 1:][mask[:, 1:]]
-        kl_sum += float((lp_ref.exp() * (lp_ref - lp_cand)).sum())
-        agree += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
-        nll_ref -= float(lp_ref.gather(1, target[:, None]).sum())
-        nll_cand -= float(lp_cand.gather(1, target[:, None]).sum())
-        n += int(target.numel())
+        hidden = candidate.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        h_cand = hidden[:, :-1][mask[:, 1:]]
+        targets = ids[:, 1:][mask[:, 1:]]
+        for rows in torch.arange(len(targets)).split(chunk):
+            lp_ref = F.log_softmax(head(h_ref[rows]).float(), dim=-1)
+            lp_cand = F.log_softmax(cand_head(h_cand[rows]).float(), dim=-1)
+            target = targets[rows]
+            kl_sum += float((lp_ref.exp() * (lp_ref - lp_cand)).sum())
+            agree += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
+            nll_ref -= float(lp_ref.gather(1, target[:, None]).sum())
+            nll_cand -= float(lp_cand.gather(1, target[:, None]).sum())
+        n += int(targets.numel())
     if n == 0:
         raise ValueError("no scored tokens to compare")
     return Fidelity(kl=kl_sum / n, top1=agree / n, ppl_ratio=math.exp((nll_cand - nll_ref) / n), tokens=n)
