@@ -11,6 +11,8 @@ takes the step's :class:`~meswitch.engine.segments.Segments` (row -> expert inde
 as ``base(x) + delta.matmul(x)`` per expert segment from the packed delta
 (:class:`~meswitch.engine.delta_linear.PackedDelta`, whatever it keeps resident), or, when every
 row belongs to one expert that has it, one matmul with a cached merged weight ``W_base + delta_e``.
+On CUDA with Triton, a mixed batch's packed deltas go through one kernel launch per layer that reads
+the stored codes directly (:mod:`~meswitch.engine.sgmv_triton`); other deltas keep the PyTorch path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from meswitch.engine import sgmv_triton
 from meswitch.engine.delta_linear import delta_matmul
 from meswitch.engine.segments import Segments
 
@@ -67,6 +70,7 @@ class ExpertLinear(nn.Module):
         self.base = base
         self.deltas: dict[int, Delta] = {}
         self.merged: dict[int, Tensor] = {}
+        self._table: sgmv_triton.ExpertTable | None = None  # the kernel's view of self.deltas
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,9 +97,19 @@ class ExpertLinear(nn.Module):
         # rows. Merged weights are not used here: they would read one full weight copy per expert.
         y = self.base(x)
         present = {e: self.deltas[e] for e in segments.experts if e in self.deltas}
+        if present and sgmv_triton.usable(x):
+            sgmv_triton.sgmv_delta(x, segments, self.expert_table(), y)
+            sgmv_triton.add_salient(x, segments, present, y)
+            present = {e: d for e, d in present.items() if not sgmv_triton.supports(d)}
         if present:
             delta_matmul(x, _restrict(segments, present), present, y)
         return y
+
+    def expert_table(self) -> sgmv_triton.ExpertTable:
+        """The Triton kernel's table of this layer's deltas, rebuilt when they changed."""
+        if self._table is None or not self._table.matches(self.deltas):
+            self._table = sgmv_triton.ExpertTable.build(self.deltas, self.base.weight.device)
+        return self._table
 
 
 def _restrict(segments: Segments, present: dict[int, Delta]) -> Segments:

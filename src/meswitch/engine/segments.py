@@ -103,6 +103,12 @@ class Segments:
     def __len__(self) -> int:
         return len(self.experts)
 
+    @cached_property
+    def bounds(self) -> Tensor:
+        """``int32 [S, 3]``: (start, end, expert) per segment, on ``order``'s device (built once per batch)."""
+        rows = list(zip(self.starts, self.ends, self.experts, strict=True))
+        return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(self.order.device)
+
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         """``(expert, start, end)`` per segment, in sorted-row coordinates."""
         return iter(zip(self.experts, self.starts, self.ends, strict=True))

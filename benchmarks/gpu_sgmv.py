@@ -1,0 +1,337 @@
+"""The Triton multi-expert kernel on a CUDA GPU: correctness, per-layer cost and engine decode speed.
+
+Run on a machine with a CUDA GPU (it needs no zoo: the model and the experts are random, which
+does not change speed). Three parts, each printed as a table and kept in the JSON:
+
+1. ``check``: the kernel against the float32 reference (:func:`delta_matmul_reference`) on fresh
+   random deltas of every layout (1-4 bits, salient columns, asymmetric grids, bitdelta) in float32,
+   bfloat16 and float16, and on one full-size layer per bit width; outputs are poisoned first.
+2. ``layers``: one decoder block of Llama-3-8B (q, k, v, o, gate, up, down; bf16 base) at batch
+   1, 8 and 16 with 1, 3 and 16 experts whose layers hold 1, 2 or 3 bits (1.5 on average, like the
+   default store): the base alone against the base plus the kernel, timed as CUDA-graph replays
+   (GPU time, no launch overhead), with the bytes each reads and the bandwidth achieved.
+3. ``decode``: :class:`~meswitch.engine.model.ServingModel` over a random Llama model (8B shape
+   by default) with 16 synthetic experts, decode tokens/s at batch 1, 8, 16 for the base, one
+   expert (its delta through the kernel, and merged), 3 and 16 experts mixed, and the same mixed
+   batches with the kernel switched off (the PyTorch path: codes unpacked per call).
+
+    python benchmarks/gpu_sgmv.py [--model 8b|1b] [--steps 20] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from meswitch.compress.pack import packed_cols  # noqa: E402
+from meswitch.engine import sgmv_triton  # noqa: E402
+from meswitch.engine.delta_linear import PackedDelta, delta_matmul_reference  # noqa: E402
+from meswitch.engine.segments import Segments  # noqa: E402
+
+BATCHES = (1, 8, 16)
+EXPERTS = (1, 3, 16)
+BITS_MIX = ((1, 0.6), (2, 0.3), (3, 0.1))  # share of layers at each width: 1.5 bits on average
+SHAPES = {  # Llama-3-8B decoder block: name -> (out, in)
+    "q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
+    "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336),
+}
+MODELS = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def random_delta(out: int, n: int, bits: int, gen: torch.Generator, device: str = "cuda") -> PackedDelta:
+    """A rtn-layout delta with random codes (every byte pattern is valid) and small random scales."""
+    packed = torch.randint(0, 256, (out, packed_cols(n, bits)), dtype=torch.uint8, generator=gen, device=device)
+    scale = torch.rand(out, generator=gen, device=device) * 1e-3
+    return PackedDelta(packed, scale, None, torch.zeros(0, dtype=torch.long, device=device),
+                       torch.zeros(out, 0, device=device), torch.arange(n, device=device), bits, (out, n), "rtn")
+
+
+def pick_bits(gen: torch.Generator) -> int:
+    u, acc = float(torch.rand(1, generator=gen)), 0.0
+    for bits, share in BITS_MIX:
+        acc += share
+        if u < acc:
+            return bits
+    return BITS_MIX[-1][0]
+
+
+def ids_for(batch: int, experts: int) -> list[int]:
+    """Rows spread round-robin over ``experts`` experts, grouped by expert as the engine orders them."""
+    return sorted(i % experts for i in range(batch))
+
+
+# ---- 1. correctness --------------------------------------------------------------------------------
+
+
+def check() -> list[dict]:
+    from meswitch.compress.codec import encode_delta
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    settings = [("rtn", 1, 0, True), ("rtn", 2, 0, False), ("rtn", 3, 0, True), ("rtn", 4, 0, True),
+                ("salient", 3, 5, True), ("salient", 2, 7, False), ("bitdelta", 1, 0, True)]
+    for trial in range(3):
+        out, n = (96, 130, 256)[trial], (200, 300, 1000)[trial]
+        deltas = {}
+        for i, (method, bits, k, sym) in enumerate(settings):
+            d = torch.randn(out, n, generator=gen) * 0.02
+            kw = {"symmetric": sym, **({"act_sq": torch.rand(n, generator=gen)} if method == "salient" else {})}
+            deltas[i] = PackedDelta.from_fields(*encode_delta(d, method, bits, k, **kw)).to("cuda")
+        ids = sorted([e for e in range(len(settings)) for _ in range(1 + trial * 7)] + [-1])
+        table = sgmv_triton.ExpertTable.build(deltas, torch.device("cuda"))
+        seg = Segments.from_ids(ids).to("cuda")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(len(ids), n, generator=gen).to("cuda", dtype)
+            y0 = torch.randn(len(ids), out, generator=gen).to("cuda")
+            want = delta_matmul_reference(x.float(), ids, deltas, y0.clone())
+            for ydtype in dict.fromkeys((torch.float32, dtype)):
+                y = sgmv_triton.add_salient(x, seg, deltas, sgmv_triton.sgmv_delta(x, seg, table, y0.to(ydtype, copy=True)))
+                torch.cuda.synchronize()
+                err = float((y.float() - want).norm() / (want - y0).norm())
+                rows.append({"shape": [out, n], "rows": len(ids), "x": str(dtype)[6:], "y": str(ydtype)[6:],
+                             "rel_err": err, "finite": bool(torch.isfinite(y).all())})
+    for bits in (1, 2, 3, 4):  # one full-size layer per width, fp32 output accumulated into random values
+        d = random_delta(4096, 14336, bits, torch.Generator("cuda").manual_seed(bits))
+        x = torch.randn(16, 14336, device="cuda", dtype=torch.bfloat16)
+        y0 = torch.randn(16, 4096, device="cuda")
+        want = y0 + x.float() @ d.dense().T
+        y = sgmv_triton.sgmv_delta(x, Segments.from_ids([0] * 16).to("cuda"),
+                                   sgmv_triton.ExpertTable.build({0: d}, torch.device("cuda")), y0.clone())
+        rows.append({"shape": [4096, 14336], "rows": 16, "x": "bfloat16", "y": "float32", "bits": bits,
+                     "rel_err": float((y - want).norm() / (want - y0).norm()),
+                     "finite": bool(torch.isfinite(y).all())})
+    return rows
+
+
+# ---- 2. one decoder block ---------------------------------------------------------------------------
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    """Median GPU time of ``fn`` (a list of launches) replayed as one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def layers() -> list[dict]:
+    gen = torch.Generator("cuda").manual_seed(1)
+    weights = {k: torch.randn(o, i, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+               for k, (o, i) in SHAPES.items()}
+    bits_gen = torch.Generator().manual_seed(2)
+    deltas = {k: {e: random_delta(o, i, pick_bits(bits_gen), gen) for e in range(max(EXPERTS))}
+              for k, (o, i) in SHAPES.items()}
+    tables = {k: sgmv_triton.ExpertTable.build(deltas[k], torch.device("cuda")) for k in SHAPES}
+    base_bytes = sum(w.numel() * 2 for w in weights.values())
+    rows = []
+    for batch in BATCHES:
+        xs = {k: torch.randn(batch, i, device="cuda", dtype=torch.bfloat16, generator=gen) for k, (o, i) in SHAPES.items()}
+        ys = {k: torch.empty(batch, o, device="cuda", dtype=torch.bfloat16) for k, (o, i) in SHAPES.items()}
+
+        def base(xs: dict = xs, ys: dict = ys) -> None:
+            for k in SHAPES:
+                torch.matmul(xs[k], weights[k].T, out=ys[k])
+
+        t_base = graph_ms(base)
+        rows.append({"batch": batch, "experts": 0, "ms": t_base, "ratio": 1.0, "bytes": base_bytes,
+                     "GBps": base_bytes / t_base / 1e6})
+        for n_exp in EXPERTS:
+            if n_exp > batch and n_exp > 1:
+                continue
+            seg = Segments.from_ids(ids_for(batch, n_exp)).to("cuda")
+            seg.bounds  # noqa: B018 - built outside the graph
+
+            def mixed(seg: Segments = seg, xs: dict = xs, ys: dict = ys) -> None:
+                base(xs, ys)
+                for k in SHAPES:
+                    sgmv_triton.sgmv_delta(xs[k], seg, tables[k], ys[k])
+
+            t = graph_ms(mixed)
+            delta_bytes = sum(deltas[k][e].packed.numel() for k in SHAPES for e in set(seg.experts))
+            rows.append({"batch": batch, "experts": n_exp, "ms": t, "ratio": t_base / t,
+                         "bytes": base_bytes + delta_bytes, "GBps": (base_bytes + delta_bytes) / t / 1e6,
+                         "bound_ratio": base_bytes / (base_bytes + delta_bytes)})
+    return rows
+
+
+def sweep() -> list[dict]:
+    """Kernel-only GPU time of one decoder block's deltas under :func:`choose_plan`'s plan and variants."""
+    gen = torch.Generator("cuda").manual_seed(5)
+    bits_gen = torch.Generator().manual_seed(6)
+    deltas = {k: {e: random_delta(o, i, pick_bits(bits_gen), gen) for e in range(16)} for k, (o, i) in SHAPES.items()}
+    tables = {k: sgmv_triton.ExpertTable.build(deltas[k], torch.device("cuda")) for k in SHAPES}
+    rows = []
+    for batch, n_exp in ((1, 1), (8, 3), (16, 16), (16, 1)):
+        seg = Segments.from_ids(ids_for(batch, n_exp)).to("cuda")
+        seg.bounds  # noqa: B018 - built outside the graph
+        longest = max(t - s for s, t in zip(seg.starts, seg.ends, strict=True))
+        xs = {k: torch.randn(batch, i, device="cuda", dtype=torch.bfloat16, generator=gen) for k, (o, i) in SHAPES.items()}
+        ys = {k: torch.zeros(batch, o, device="cuda", dtype=torch.bfloat16) for k, (o, i) in SHAPES.items()}
+        delta_bytes = sum(deltas[k][e].packed.numel() for k in SHAPES for e in set(seg.experts))
+        auto = {k: sgmv_triton.choose_plan(longest, len(seg), o, i, torch.device("cuda")) for k, (o, i) in SHAPES.items()}
+        variants = {
+            "auto": lambda p: p,
+            "split 1": lambda p: p._replace(split=1),
+            "N x2": lambda p: p._replace(block_n=2 * p.block_n, block_k=max(64, p.block_k // 2)),
+            "K x2": lambda p: p._replace(block_k=2 * p.block_k, block_n=max(16, p.block_n // 2)),
+            "8 warps": lambda p: p._replace(warps=8),
+            "dot": lambda p: sgmv_triton.Plan(16, 64, 128, p.split, True),
+            "dot split 1": lambda p: sgmv_triton.Plan(16, 64, 128, 1, True),
+            "registers, 8 rows": lambda p: sgmv_triton.Plan(8, 16, 64, p.split, False),
+        }
+        for name, vary in variants.items():
+            plans = {k: vary(auto[k]) for k in SHAPES}
+
+            def run(plans: dict = plans, seg: Segments = seg, xs: dict = xs, ys: dict = ys) -> None:
+                for k in SHAPES:
+                    sgmv_triton.sgmv_delta(xs[k], seg, tables[k], ys[k], plans[k])
+
+            try:
+                t = graph_ms(run, reps=30)
+            except Exception as exc:  # noqa: BLE001 - a variant the compiler rejects is reported, not fatal
+                rows.append({"batch": batch, "experts": n_exp, "variant": name, "plan": f"failed: {exc}"[:80]})
+                continue
+            rows.append({"batch": batch, "experts": n_exp, "variant": name, "plan": str(tuple(plans["gate"])),
+                         "us": 1e3 * t, "GBps": delta_bytes / t / 1e6})
+    return rows
+
+
+# ---- 3. engine decode -------------------------------------------------------------------------------
+
+
+def decode(model_size: str, steps: int) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from meswitch.engine.model import SeqSlice, ServingModel, StepBatch
+
+    cfg = LlamaConfig(**MODELS[model_size], max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = ServingModel(hf)
+    gen, bits_gen = torch.Generator("cuda").manual_seed(3), torch.Generator().manual_seed(4)
+    n_experts = max(EXPERTS)
+    linears = [mod for name, mod in model.linears() if name != "lm_head"]
+    for mod in linears:
+        out, n = mod.shape
+        for e in range(n_experts):
+            mod.deltas[e] = random_delta(out, n, pick_bits(bits_gen), gen)
+    cache = model.new_cache(max(BATCHES), 512)
+    prompt = 64
+
+    cache.reserve(prompt + 3 + steps + 1)
+
+    def rate(expert_ids: list[int], steps: int = steps) -> float:
+        seqs = [SeqSlice(slot, 0, prompt, e) for slot, e in enumerate(expert_ids)]
+        ids = torch.randint(0, cfg.vocab_size, (prompt * len(seqs),), device="cuda")
+        model(ids, StepBatch.build(seqs, "cuda"), cache)  # prefill
+        tok = torch.randint(0, cfg.vocab_size, (len(seqs),), device="cuda")
+        for warm in (True, False):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            n = 3 if warm else steps
+            for i in range(n):
+                pos = prompt + i if warm else prompt + 3 + i
+                batch = StepBatch.build([SeqSlice(s.slot, pos, 1, s.expert) for s in seqs], "cuda")
+                model(tok, batch, cache)
+            torch.cuda.synchronize()
+        return len(seqs) * steps / (time.perf_counter() - t0)
+
+    rows = []
+    for batch in BATCHES:
+        base = rate([-1] * batch)
+        rows.append({"batch": batch, "case": "base", "tok_s": base, "ratio": 1.0})
+        cases = [("one", [0] * batch), ("mixed3", ids_for(batch, 3)), ("mixed16", ids_for(batch, 16))]
+        for case, ids in cases:
+            if case != "one" and len(set(ids)) < 2:
+                continue
+            r = rate(ids)
+            rows.append({"batch": batch, "case": case, "tok_s": r, "ratio": r / base})
+        for mod in linears:
+            mod.merge(0)
+        r = rate([0] * batch)
+        rows.append({"batch": batch, "case": "one (merged)", "tok_s": r, "ratio": r / base})
+        for mod in linears:
+            mod.merged.clear()
+        if batch == max(BATCHES):  # the PyTorch path for comparison: codes unpacked on every call
+            real = sgmv_triton.usable
+            sgmv_triton.usable = lambda x: False
+            try:
+                for case, ids in cases[1:]:
+                    r = rate(ids, steps=3)  # seconds per step
+                    rows.append({"batch": batch, "case": f"{case} (no kernel)", "tok_s": r, "ratio": r / base})
+            finally:
+                sgmv_triton.usable = real
+    return rows
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="8b")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--parts", default="check,layers,decode,sweep")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark measures the GPU kernel", file=sys.stderr)
+        return 2
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    parts = {"check": check, "layers": layers, "sweep": sweep, "decode": lambda: decode(args.model, args.steps)}
+    cols = {"check": ["shape", "rows", "x", "y", "bits", "rel_err", "finite"],
+            "sweep": ["batch", "experts", "variant", "plan", "us", "GBps"],
+            "layers": ["batch", "experts", "ms", "ratio", "bound_ratio", "GBps"],
+            "decode": ["batch", "case", "tok_s", "ratio"]}
+    status = 0
+    for name in args.parts.split(","):
+        t0 = time.perf_counter()
+        try:
+            result[name] = parts[name]()
+            print(f"\n## {name} ({time.perf_counter() - t0:.0f} s)\n\n{table(result[name], cols[name])}", flush=True)
+        except Exception:  # noqa: BLE001 - keep the other parts' numbers
+            status = 1
+            result[name] = {"error": traceback.format_exc()}
+            print(f"\n## {name} FAILED\n{traceback.format_exc()}", flush=True)
+        torch.cuda.empty_cache()
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

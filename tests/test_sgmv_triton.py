@@ -1,0 +1,179 @@
+"""The Triton multi-expert kernel against the slow reference (Punica-style comparison over uneven batches).
+
+Without a GPU the kernel runs under Triton's interpreter, which executes the same kernel code with
+NumPy: every path of it (bit widths, salient gathers, asymmetric grids, long segments) is checked
+here; bf16 inputs, which the interpreter does not handle, are checked on a GPU by
+``benchmarks/gpu_sgmv.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel module is first imported
+
+pytest.importorskip("triton")
+
+from meswitch.compress.codec import encode_delta  # noqa: E402
+from meswitch.engine import sgmv_triton  # noqa: E402
+from meswitch.engine.delta_linear import PackedDelta, delta_matmul_reference  # noqa: E402
+from meswitch.engine.layers import DenseDelta, ExpertLinear  # noqa: E402
+from meswitch.engine.segments import Segments  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (method, bits, salient k, symmetric): every layout the kernel reads, all bit widths.
+SETTINGS = [
+    ("rtn", 1, 0, True), ("rtn", 2, 0, False), ("rtn", 3, 0, True), ("rtn", 4, 0, True),
+    ("salient", 3, 5, True), ("salient", 2, 7, False), ("bitdelta", 1, 0, True), ("gptq", 2, 0, True),
+]
+
+
+def _delta(out: int, n: int, method: str, bits: int, k: int, symmetric: bool, gen: torch.Generator) -> PackedDelta:
+    d = torch.randn(out, n, generator=gen) * 0.02
+    kw: dict = {"symmetric": symmetric}
+    if method == "gptq":
+        x = torch.randn(4 * n, n, generator=gen)
+        kw["hessian"] = x.T @ x
+    if method == "salient":
+        kw["act_sq"] = torch.rand(n, generator=gen)
+    fields, meta = encode_delta(d, method, bits, k, **kw)
+    return PackedDelta.from_fields(fields, meta).to(DEVICE)
+
+
+def _deltas(out: int, n: int, seed: int) -> dict[int, PackedDelta]:
+    gen = torch.Generator().manual_seed(seed)
+    return {i: _delta(out, n, *s, gen=gen) for i, s in enumerate(SETTINGS)}
+
+
+def _run(x: torch.Tensor, ids: list[int], deltas: dict[int, PackedDelta], y0: torch.Tensor) -> torch.Tensor:
+    seg = Segments.from_ids(ids).to(DEVICE)
+    y = sgmv_triton.sgmv_delta(x, seg, sgmv_triton.ExpertTable.build(deltas, torch.device(DEVICE)), y0.clone())
+    return sgmv_triton.add_salient(x, seg, deltas, y)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor, y0: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / (want - y0.float()).norm())
+
+
+@pytest.mark.parametrize("shape", [(70, 100), (130, 300)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernel_matches_reference_on_a_shuffled_mixed_batch(shape: tuple[int, int], seed: int) -> None:
+    out, n = shape
+    deltas = _deltas(out, n, seed)
+    rng = random.Random(seed)
+    ids = [e for e in range(len(SETTINGS)) for _ in range(rng.randint(1, 5))] + [-1, -1]
+    rng.shuffle(ids)  # batch order is not segment order: rows are gathered and scattered
+    gen = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(len(ids), n, generator=gen).to(DEVICE)
+    y0 = torch.randn(len(ids), out, generator=gen).to(DEVICE)  # accumulated into, never overwritten
+    want = delta_matmul_reference(x, ids, deltas, y0.clone())
+    got = _run(x, ids, deltas, y0)
+    assert _rel(got, want, y0) < 1e-5
+    base_rows = [i for i, e in enumerate(ids) if e < 0]
+    assert torch.equal(got[base_rows], y0[base_rows])
+
+
+@pytest.mark.parametrize("rows", [17, 40, 130])
+def test_long_segments_span_several_row_tiles(rows: int) -> None:
+    """Prefill-sized segments: more rows than one program's tile (16/32/64)."""
+    deltas = _deltas(48, 64, seed=3)
+    ids = [2] * rows + [5] * 3 + [0] * (rows // 2)
+    gen = torch.Generator().manual_seed(4)
+    x, y0 = torch.randn(len(ids), 64, generator=gen).to(DEVICE), torch.zeros(len(ids), 48).to(DEVICE)
+    assert _rel(_run(x, ids, deltas, y0), delta_matmul_reference(x, ids, deltas, y0.clone()), y0) < 1e-5
+
+
+@pytest.mark.parametrize("plan", [
+    sgmv_triton.Plan(1, 32, 256, 1, False), sgmv_triton.Plan(2, 32, 64, 3, False),
+    sgmv_triton.Plan(4, 16, 64, 2, False), sgmv_triton.Plan(8, 16, 64, 1, False),
+    sgmv_triton.Plan(16, 64, 128, 1, True), sgmv_triton.Plan(32, 32, 32, 4, True),
+])
+@pytest.mark.parametrize("ydtype", [torch.float32, torch.float16])
+def test_every_plan_computes_the_same(plan: sgmv_triton.Plan, ydtype: torch.dtype) -> None:
+    """Row tiles smaller and larger than the segments, K split across programs (atomic adds), both paths."""
+    deltas = _deltas(40, 136, seed=11)
+    ids = [0] * 5 + [1] + [2] * 9 + [4] * 2 + [6, 7, 7, 7]
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(len(ids), 136, generator=gen).to(DEVICE)
+    y0 = torch.randn(len(ids), 40, generator=gen).to(DEVICE, ydtype)
+    seg = Segments.from_ids(ids).to(DEVICE)
+    table = sgmv_triton.ExpertTable.build(deltas, torch.device(DEVICE))
+    got = sgmv_triton.add_salient(x, seg, deltas, sgmv_triton.sgmv_delta(x, seg, table, y0.clone(), plan))
+    want = delta_matmul_reference(x, ids, deltas, y0.float().clone())
+    assert _rel(got, want, y0.float()) < (1e-5 if ydtype == torch.float32 else 2e-2)
+
+
+def test_half_precision_inputs_accumulate_in_float32() -> None:
+    deltas = _deltas(64, 96, seed=5)
+    ids = [0, 1, 1, 2, 3, 4, 5, 6, 7, 7]
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(len(ids), 96, generator=gen).half().to(DEVICE)
+    y0 = torch.randn(len(ids), 64, generator=gen).to(DEVICE)
+    want = delta_matmul_reference(x.float(), ids, deltas, y0.clone())
+    assert _rel(_run(x, ids, deltas, y0), want, y0) < 1e-5  # fp16 x times exact levels: exact products
+    y16 = _run(x, ids, deltas, y0.half())  # a half-precision output is rounded once
+    assert _rel(y16, want, y0) < 2e-2
+
+
+def test_rows_of_experts_without_a_kernel_row_are_left_alone() -> None:
+    """Expert 9 is past the table, expert 1 is a sign2d delta the kernel does not take."""
+    gen = torch.Generator().manual_seed(7)
+    d = torch.randn(32, 64, generator=gen) * 0.02
+    sign2d = PackedDelta.from_fields(*encode_delta(d, "sign2d", 1, 0)).to(DEVICE)
+    deltas = {0: _delta(32, 64, "rtn", 2, 0, True, gen), 1: sign2d}
+    assert not sgmv_triton.supports(sign2d) and not sgmv_triton.supports(DenseDelta(d))
+    ids = [0, 1, 9, 0]
+    x, y0 = torch.randn(4, 64, generator=gen).to(DEVICE), torch.randn(4, 32, generator=gen).to(DEVICE)
+    got = _run(x, ids, deltas, y0)
+    assert torch.equal(got[1:3], y0[1:3])
+    want = delta_matmul_reference(x, [0, -1, -1, 0], {0: deltas[0]}, y0.clone())
+    assert _rel(got, want, y0) < 1e-5
+
+
+def test_table_is_rebuilt_when_a_layer_s_deltas_change() -> None:
+    gen = torch.Generator().manual_seed(8)
+    base = torch.nn.Linear(64, 32).to(DEVICE)
+    layer = ExpertLinear(base)
+    layer.deltas[0] = _delta(32, 64, "rtn", 2, 0, True, gen)
+    first = layer.expert_table()
+    assert layer.expert_table() is first
+    layer.deltas[0] = _delta(32, 64, "rtn", 3, 0, True, gen)  # an expert reloaded under the same index
+    second = layer.expert_table()
+    assert second is not first and int(second.ints[0, 0]) == 3
+    layer.drop(0)
+    assert layer.expert_table().ptrs.shape[0] == 0
+
+
+def test_expert_linear_takes_the_kernel_path_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed batch with packed, sign2d and dense deltas: kernel + PyTorch fallback = PyTorch alone."""
+    gen = torch.Generator().manual_seed(9)
+    base = torch.nn.Linear(96, 40).to(DEVICE)
+    layer = ExpertLinear(base)
+    for i, s in enumerate(SETTINGS[:4]):
+        layer.deltas[i] = _delta(40, 96, *s, gen=gen)
+    d = torch.randn(40, 96, generator=gen) * 0.02
+    layer.deltas[4] = PackedDelta.from_fields(*encode_delta(d, "sign2d", 1, 4)).to(DEVICE)
+    layer.deltas[5] = DenseDelta(d.half().to(DEVICE))
+    ids = [5, 0, 0, 3, -1, 4, 1, 2, 2, 7]
+    x = torch.randn(len(ids), 96, generator=gen).to(DEVICE)
+    seg = Segments.from_ids(ids).to(DEVICE)
+    calls: list[int] = []
+    real = sgmv_triton.sgmv_delta
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sgmv_triton, "usable", lambda x: False)
+    want = layer(x, seg)
+    monkeypatch.setattr(sgmv_triton, "usable", lambda x: True)
+    monkeypatch.setattr(sgmv_triton, "sgmv_delta", spy)
+    got = layer(x, seg)
+    assert calls == [1]
+    assert float((got - want).norm() / (want - base(x)).norm()) < 1e-5
