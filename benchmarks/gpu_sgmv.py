@@ -15,7 +15,10 @@ does not change speed). Three parts, each printed as a table and kept in the JSO
    expert (its delta through the kernel, and merged), 3 and 16 experts mixed, and the same mixed
    batches with the kernel switched off (the PyTorch path: codes unpacked per call).
 
-    python benchmarks/gpu_sgmv.py [--model 8b|1b] [--steps 20] [--json PATH]
+    python benchmarks/gpu_sgmv.py [--model 8b|1b] [--steps 20] [--json docs/results/gpu_sgmv.json]
+
+``benchmarks/report.py`` puts that file's tables into docs/RESULTS.md (``make bench`` does not run
+this script: CI and the reference machine have no GPU).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ PLOTS = {"fidelity": "report_fidelity.png", "memory": "report_memory.png",
 def load_results(d: Path) -> dict[str, Any]:
     """Every result file that exists, by name (``compression``, ``engine``, ``router``, ...)."""
     files = {"compression": "compression_full.json", "engine": "engine.json", "router": "router.json",
-             "load": "load.json", "ray": "ray_scale.json", "run": "bench_run.json"}
+             "load": "load.json", "ray": "ray_scale.json", "run": "bench_run.json", "gpu": "gpu_sgmv.json"}
     out = {}
     for key, name in files.items():
         p = d / name
@@ -244,6 +244,28 @@ def engine_section(engine: dict | None) -> list[str]:
         out += [f"Bringing an expert in from disk (verified): median {loads[len(loads) // 2]:.0f} ms over "
                 f"{len(loads)} loads.", ""]
     return out + [f"![tokens/s against active experts](results/{PLOTS['throughput']})", ""]
+
+
+def gpu_section(gpu: dict | None) -> list[str]:
+    """The Triton kernel's measurements from a lent GPU (``benchmarks/gpu_sgmv.py``; not part of ``make bench``)."""
+    out = ["## Engine on a GPU: the Triton multi-expert kernel", ""]
+    if not gpu or not isinstance(gpu.get("layers"), list) or not isinstance(gpu.get("decode"), list):
+        return out + ["Not measured: `python benchmarks/gpu_sgmv.py`. (On a CUDA machine, with "
+                      "`--json docs/results/gpu_sgmv.json`.)", ""]
+    out += [f"{gpu['device']}, torch {gpu['torch']}; random weights in the Llama-3-8B shape, bf16 base, 16 "
+            "experts at 1.5 bits on average. " + gpu.get("note", ""), ""]
+    if isinstance(gpu.get("check"), list):
+        worst = max(r["rel_err"] for r in gpu["check"] if r["y"] == "float32")
+        out += [f"Correctness: {len(gpu['check'])} checks against the float32 reference, worst relative error "
+                f"{worst:.1e} with a float32 output.", ""]
+    out += ["One decoder block, GPU time (CUDA-graph replays):", "", md_table(
+        ["batch", "experts", "ms", "ratio to the base", "bytes-read bound", "GB/s"],
+        [[r["batch"], r["experts"] or "base", f"{r['ms']:.3f}", f"{r['ratio']:.3f}x",
+          f"{r['bound_ratio']:.2f}x" if "bound_ratio" in r else "-", f"{r['GBps']:.0f}"] for r in gpu["layers"]]), ""]
+    out += ["Engine decode (`ServingModel`), tokens/s and ratio to the base at the same batch:", "", md_table(
+        ["batch", "case", "tokens/s", "ratio"],
+        [[r["batch"], r["case"], f"{r['tok_s']:.1f}", f"{r['ratio']:.2f}x"] for r in gpu["decode"]]), ""]
+    return out
 
 
 def router_rows(router: list[dict]) -> list[list[str]]:
@@ -497,6 +519,7 @@ def build_report(res: dict, results: Path, summary: dict | None) -> str:
     lines += compression_section(res.get("compression"))
     lines += memory_section(res.get("engine"), summary, bits)
     lines += engine_section(res.get("engine"))
+    lines += gpu_section(res.get("gpu"))
     lines += router_section(res.get("router"))
     lines += load_section(res.get("load"))
     lines += ray_section(res.get("ray"), results)

@@ -68,11 +68,25 @@ def test_report_from_results(tmp_path):
     assert "## Machine" in text and "cores" in text
 
 
+def test_report_shows_a_gpu_run(tmp_path):
+    gpu = {"device": "NVIDIA H200", "torch": "2.11", "note": "",
+           "check": [{"y": "float32", "rel_err": 2e-6}, {"y": "bfloat16", "rel_err": 9e-3}],
+           "layers": [{"batch": 16, "experts": 0, "ms": 0.14, "ratio": 1.0, "GBps": 3100.0},
+                      {"batch": 16, "experts": 16, "ms": 2.8, "ratio": 0.05, "bound_ratio": 0.4, "GBps": 400.0}],
+           "decode": [{"batch": 16, "case": "mixed16", "tok_s": 127.0, "ratio": 0.4}]}
+    (tmp_path / "gpu_sgmv.json").write_text(json.dumps(gpu))
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out), "--store", str(tmp_path)]) == 0
+    text = out.read_text()
+    assert "2 checks against the float32 reference, worst relative error 2.0e-06" in text  # bf16 output excluded
+    assert "| 16 | 16 | 2.800 | 0.050x | 0.40x | 400 |" in text and "| 16 | mixed16 | 127.0 | 0.40x |" in text
+
+
 def test_report_without_results_says_what_to_run(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--store", str(tmp_path)]) == 0
     text = out.read_text()
-    for cmd in ("compression.py", "engine.py", "router.py", "load.py", "ray_scale.py"):
+    for cmd in ("compression.py", "engine.py", "router.py", "load.py", "ray_scale.py", "gpu_sgmv.py"):
         assert f"Not measured: `python benchmarks/{cmd}`." in text
     assert not list(tmp_path.glob("*.png"))
 
