@@ -176,4 +176,17 @@ def test_expert_linear_takes_the_kernel_path_and_agrees(monkeypatch: pytest.Monk
     monkeypatch.setattr(sgmv_triton, "sgmv_delta", spy)
     got = layer(x, seg)
     assert calls == [1]
-    assert float((got - want).norm() / (want - base(x)).norm()) < 1e-5
+    with torch.no_grad():
+        assert float((got - want).norm() / (want - base(x)).norm()) < 1e-5
+
+
+def test_column_strided_input_is_accepted_and_a_strided_output_refused() -> None:
+    deltas = _deltas(32, 64, seed=13)
+    ids = [0, 0, 3, 6]
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(64, len(ids), generator=gen).to(DEVICE).T  # [T, in] with column stride T
+    y0 = torch.randn(len(ids), 32, generator=gen).to(DEVICE)
+    want = delta_matmul_reference(x, ids, deltas, y0.clone())
+    assert _rel(_run(x, ids, deltas, y0), want, y0) < 1e-5
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _run(x.contiguous(), ids, deltas, torch.zeros(32, len(ids), device=DEVICE).T)

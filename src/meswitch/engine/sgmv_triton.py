@@ -154,8 +154,10 @@ def sgmv_delta(x: Tensor, segments: Segments, table: ExpertTable, y: Tensor, pla
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != segments.num_rows or y.shape[0] != x.shape[0]:
         raise ValueError(f"x must be [T={segments.num_rows}, in] and y [T, out], got {tuple(x.shape)}, {tuple(y.shape)}")
-    if x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("x and y must have contiguous rows")
+    if y.stride(1) != 1:
+        raise ValueError("y must have contiguous rows (it is written in place)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
     if not segments.num_rows or not len(segments):
         return y
     if segments.order.device != x.device:
