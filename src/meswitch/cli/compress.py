@@ -100,7 +100,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from meswitch.compress.config import CompressConfig
     from meswitch.compress.pipeline import compress_into_store
     from meswitch.data.examples import read_jsonl
+    from meswitch.utils.memory import map_large_allocations
 
+    map_large_allocations()  # freed activations leave the process instead of fragmenting its heap
     base, experts, calib = _resolve_inputs(args)
     cfg = CompressConfig(
         method=args.method, bits=1 if args.method == "bitdelta" else args.bits, salient=args.salient,
