@@ -204,6 +204,9 @@ def test_cli_compress_inspect_fidelity(ckpts, tmp_path):
     res = _cli("compress", "--base", str(ckpts / "base"), "--expert", "a/b=" + str(ckpts / "expert"),
                "--out", str(store), "--calib", str(ckpts / "calib.jsonl"))
     assert res.returncode == 2 and "a/b" in res.stderr
+    res = _cli("compress", "--base", str(ckpts / "base"), "--expert", f"math={ckpts / 'expert'}",
+               "--out", str(store), "--calib", str(ckpts / "calib.jsonl"), "--distill-lr", "0")
+    assert res.returncode == 2 and "--distill-lr must be a positive learning rate, got 0.0" in res.stderr
 
 
 def test_sign2d_recovers_rank1_magnitudes_and_beats_bitdelta():

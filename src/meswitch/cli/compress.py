@@ -47,7 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip-ratio", type=float, default=d.clip_ratio,
                    help="grid extent as a fraction of each row's absmax (default: 0.7 at 2 bits, else 1.0)")
     p.add_argument("--calib", type=Path, help="calibration JSONL ({'text', 'domain'[, 'response']})")
-    p.add_argument("--distill-steps", type=int, default=d.distill_steps)
+    p.add_argument("--distill-steps", type=int, default=d.distill_steps,
+                   help="steps of step-size distillation (default: 20 for gptq-mixed, else 0)")
+    p.add_argument("--distill-lr", type=float, default=d.distill_lr, help=f"its Adam learning rate ({d.distill_lr:g})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compress)
 
@@ -102,12 +104,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from meswitch.data.examples import read_jsonl
     from meswitch.utils.memory import map_large_allocations
 
+    if not args.distill_lr > 0:  # also refuses NaN
+        raise MeswitchError(f"--distill-lr must be a positive learning rate, got {args.distill_lr}")
     map_large_allocations()  # freed activations leave the process instead of fragmenting its heap
     base, experts, calib = _resolve_inputs(args)
     cfg = CompressConfig(
         method=args.method, bits=1 if args.method == "bitdelta" else args.bits, salient=args.salient,
         target_bits=args.target_bits, symmetric=not args.asymmetric, clip_ratio=args.clip_ratio,
-        distill_steps=args.distill_steps,
+        distill_steps=args.distill_steps, distill_lr=args.distill_lr,
     )
     examples = {n: read_jsonl(p) for n, p in calib.items()} if isinstance(calib, dict) else read_jsonl(calib)
     results = compress_into_store(base, experts, args.out, examples, cfg)
