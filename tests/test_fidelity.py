@@ -25,7 +25,8 @@ def test_chunks_of_tokens_give_the_whole_vocabulary_figures():
     target = ids[:, 1:][mask[:, 1:]]
     n = len(target)
     assert got.tokens == n == 2 * 29 - 8
-    assert got.kl == pytest.approx(float((lp_r.exp() * (lp_r - lp_c)).sum()) / n, rel=1e-5)
+    # float32 sums of near-equal log-probabilities: agreement to ~1e-5 depends on the thread count
+    assert got.kl == pytest.approx(float((lp_r.exp() * (lp_r - lp_c)).sum()) / n, rel=1e-4)
     assert got.top1 == float((lp_r.argmax(-1) == lp_c.argmax(-1)).sum()) / n
     nll = [-float(lp.gather(1, target[:, None]).sum()) for lp in (lp_r, lp_c)]
     assert got.ppl_ratio == pytest.approx(math.exp((nll[1] - nll[0]) / n), rel=1e-5)
