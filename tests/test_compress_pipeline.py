@@ -285,3 +285,22 @@ def test_chunked_kl_matches_the_whole_vocabulary_at_once():
     loss = kl_backward(x * 2, h_t, head_s, head_t, chunk=16)  # chunks of 16, 16, 16, 2 tokens
     torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-8)
     assert loss == pytest.approx(want_loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(("method", "bits", "k", "symmetric"), [
+    ("salient", 3, 5, True), ("salient", 2, 4, False), ("rtn", 1, 0, True), ("bitdelta", 1, 0, True),
+    ("sign2d", 1, 3, True),
+])
+def test_learnable_delta_starts_at_the_stored_delta_with_its_codes_packed(method, bits, k, symmetric):
+    from meswitch.compress.distill import LearnableDelta
+
+    g = torch.Generator().manual_seed(8)
+    delta = torch.randn(24, 37, generator=g) * 1e-2  # 37 - k columns: not a whole number of bytes of codes
+    act_sq = torch.rand(37, generator=g) + 0.1
+    fields, meta = encode_delta(delta, method, bits, k, act_sq, symmetric)
+    learn = LearnableDelta(fields, meta)
+    with torch.no_grad():
+        torch.testing.assert_close(learn(), decode_delta(fields, meta), rtol=0, atol=1e-7)
+    # what distillation keeps per matrix is the stored bit-packed codes, not a byte per code
+    assert learn.packed.data_ptr() == fields["codes"].data_ptr()
+    assert all(b.numel() * b.element_size() < delta.numel() for b in learn.buffers())

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from meswitch.compress.blocks import checkpointed_blocks
-from meswitch.compress.codec import decode_salient
 from meswitch.compress.pack import unpack
 from meswitch.compress.quant import dequantize, sign2d_dequantize
+from meswitch.utils.memory import trim_heap
 
-KL_CHUNK = 128  # tokens whose [chunk, vocab] log-probabilities are alive at once in the distillation loss
+KL_CHUNK = 64  # tokens whose [chunk, vocab] log-probabilities are alive at once in the distillation loss
 
 
 class LearnableDelta(nn.Module):
@@ -31,22 +31,20 @@ class LearnableDelta(nn.Module):
         out, n = meta["shape"]
         self.bits = int(meta["bits"])
         self.shape = (out, n)
-        col = None
-        if meta["method"] in ("bitdelta", "sign2d"):
-            k = int(meta.get("salient", 0))
-            codes, scale, zero = unpack(fields["codes"], 1, n - k), fields["scale"].float(), None
-            sal_idx = fields["salient_idx"].long() if k else torch.zeros(0, dtype=torch.long)
-            sal_cols = fields["salient_cols"].float() if k else torch.zeros(out, 0)
-            keep = torch.ones(n, dtype=torch.bool)
-            keep[sal_idx] = False
-            rest = keep.nonzero().squeeze(1)
-            if "col_scale" in fields:
-                col = fields["col_scale"].float()
-        else:
-            sd = decode_salient(fields, meta)
-            codes, scale, zero, rest = sd.codes, sd.scale, sd.zero, sd.rest_idx
-            sal_idx, sal_cols = sd.salient_idx, sd.salient_cols.float()
-        self.register_buffer("codes", codes, persistent=False)
+        k = int(meta.get("salient", 0))
+        one_bit = meta["method"] in ("bitdelta", "sign2d")
+        self.code_bits = 1 if one_bit else self.bits
+        scale = fields["scale"].float()
+        zero = fields["zero"].float() if "zero" in fields and not one_bit else None
+        col = fields["col_scale"].float() if "col_scale" in fields else None
+        sal_idx = fields["salient_idx"].long() if k else torch.zeros(0, dtype=torch.long)
+        sal_cols = fields["salient_cols"].float() if k else torch.zeros(out, 0)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[sal_idx] = False
+        rest = keep.nonzero().squeeze(1)
+        # the codes stay packed (1-4 bits, not a byte each): unpacked per layer in forward, which the
+        # gradient pass recomputes (checkpoint), so one matrix's codes are unpacked at a time
+        self.register_buffer("packed", fields["codes"], persistent=False)
         self.register_buffer("scale0", scale, persistent=False)
         self.register_buffer("zero0", zero, persistent=False)
         self.register_buffer("rest_idx", rest, persistent=False)
@@ -56,6 +54,11 @@ class LearnableDelta(nn.Module):
         self.log_gain = nn.Parameter(torch.zeros_like(scale))
         self.zero_shift = nn.Parameter(torch.zeros_like(zero)) if zero is not None else None
         self.col_log_gain = nn.Parameter(torch.zeros_like(col)) if col is not None else None
+
+    @property
+    def codes(self) -> Tensor:
+        """``uint8 [out, in - k]``: the frozen codes of the non-salient columns."""
+        return unpack(self.packed, self.code_bits, len(self.rest_idx))
 
     def grid(self) -> tuple[Tensor, Tensor | None]:
         scale = self.scale0 * self.log_gain.exp()
@@ -208,6 +211,7 @@ def distill(
             del h_s, h_t
             opt.step()
             opt.zero_grad(set_to_none=True)
+            trim_heap()  # a step's many sub-MiB tensors (unpacked codes) would otherwise pile up in the heap
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
     return losses
 
