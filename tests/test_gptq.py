@@ -5,7 +5,16 @@ import copy
 import pytest
 import torch
 
-from meswitch.compress.allocate import GPTQ_LADDER, allocate, hessian_error, nbytes
+from meswitch.compress.allocate import (
+    GPTQ_LADDER,
+    Spilled,
+    allocate,
+    choose,
+    encode_rungs,
+    hessian_error,
+    nbytes,
+    spill,
+)
 from meswitch.compress.calib import collect_act_sq, collect_hessians, linear_names
 from meswitch.compress.codec import decode_delta, encode_delta
 from meswitch.compress.gptq import gptq, gptq_codes, output_error, refit_scale
@@ -139,6 +148,51 @@ def test_gptq_ladder_spends_the_budget_where_the_output_error_is():
     params = sum(d.numel() for d in deltas.values())
     assert 8 * sum(nbytes(f) for f, _ in choice.values()) / params <= 1.9
     assert choice["hot"][1]["rung"] == "gptq2" and choice["cold"][1]["rung"] == "gptq1"
+
+
+def test_a_spilled_ladder_chooses_the_same_encodings_from_disk(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    h = correlated(48)
+    rungs = {n: encode_rungs(torch.randn(32, 48, generator=g) * s, h * s, GPTQ_LADDER, hessian_error, h)
+             for n, s in (("a", 1.0), ("b", 0.1), ("c", 3.0))}
+    spilled = {n: spill(r, tmp_path / f"{n}.safetensors") for n, r in rungs.items()}
+    # in memory: only (where, meta), proxy error and bytes per rung; the tensors are on disk
+    assert all(isinstance(e[0], Spilled) for r in spilled.values() for e, _, _ in r)
+    assert [[(err, size) for _, err, size in r] for r in spilled.values()] == \
+        [[(err, size) for _, err, size in r] for r in rungs.values()]
+    want, got = choose(rungs, 3 * 32 * 48, 1.7, GPTQ_LADDER), choose(spilled, 3 * 32 * 48, 1.7, GPTQ_LADDER)
+    assert {n: m["rung"] for n, (_, m) in got.items()} == {n: m["rung"] for n, (_, m) in want.items()}
+    assert len({m["rung"] for _, m in got.values()}) > 1  # the budget bought some layers more bits
+    for n, (fields, meta) in want.items():
+        assert got[n][1] == meta and fields.keys() == got[n][0].keys()
+        assert all(torch.equal(t, got[n][0][k]) for k, t in fields.items())
+
+
+def test_the_pipeline_spills_its_ladder_to_a_temporary_directory_it_removes(smollm_tokenizer, tmp_path, monkeypatch):
+    import tempfile
+
+    from meswitch.compress.pipeline import compress_model
+
+    calib = domain_examples("math", 40, 0) + domain_examples("general", 40, 0)
+    base = tiny_llama(vocab=VOCAB)
+    expert = perturbed(base, 1)
+    cfg = _small(method="gptq-mixed", target_bits=1.5)
+    kept, _, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg, rung_cache={})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = []
+    real_spill = spill
+
+    def spy(rungs, path):
+        made.append(path)
+        return real_spill(rungs, path)
+
+    monkeypatch.setattr("meswitch.compress.allocate.spill", spy)
+    spilled, _, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg)
+    assert len(made) == len(linear_names(base)) and all(p.parent.parent == tmp_path for p in made)
+    assert list(tmp_path.iterdir()) == []  # removed once the choice is made
+    assert kept.keys() == spilled.keys()
+    for n, fields in kept.items():
+        assert all(torch.equal(t, spilled[n][k]) for k, t in fields.items()), n
 
 
 def test_gptq_beats_rtn_end_to_end_and_the_store_serves_it(smollm_tokenizer, tmp_path):

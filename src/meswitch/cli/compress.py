@@ -106,7 +106,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if not args.distill_lr > 0:  # also refuses NaN
         raise MeswitchError(f"--distill-lr must be a positive learning rate, got {args.distill_lr}")
-    map_large_allocations()  # freed activations leave the process instead of fragmenting its heap
+    # freed activations, and the codes distillation unpacks per matrix (up to ~0.9 MB each), leave the
+    # process instead of fragmenting its heap (docs/compression.md: -65 MB at a distillation step's peak)
+    map_large_allocations(256 << 10)
     base, experts, calib = _resolve_inputs(args)
     cfg = CompressConfig(
         method=args.method, bits=1 if args.method == "bitdelta" else args.bits, salient=args.salient,

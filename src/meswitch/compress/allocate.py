@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
@@ -72,11 +73,43 @@ def encode_rungs(delta: Tensor, stat: Tensor | None, ladder: Sequence[tuple[str,
     return out
 
 
+class Spilled(NamedTuple):
+    """An encoding's tensors written to disk by :func:`spill` (the ``fields`` slot of an ``Encoded``)."""
+
+    path: Path
+    rung: int
+
+
+def spill(rungs: Rungs, path: Path) -> Rungs:
+    """``rungs`` with every encoding's tensors moved to one safetensors file at ``path``.
+
+    A ladder holds every rung of every matrix until the global choice (the full zoo's expert: ~80 MB
+    of codes at 1, 2 and 3 bits); on disk, only the chosen rungs come back (:func:`unspill`).
+    """
+    from safetensors.torch import save_file
+
+    save_file({f"{i}.{k}": t.contiguous() for i, ((fields, _), _, _) in enumerate(rungs) for k, t in fields.items()},
+              str(path))
+    return [((Spilled(path, i), meta), err, size) for i, ((_, meta), err, size) in enumerate(rungs)]
+
+
+def unspill(fields: dict[str, Tensor] | Spilled) -> dict[str, Tensor]:
+    """The tensors of one encoding, read back if :func:`spill` wrote them."""
+    if not isinstance(fields, Spilled):
+        return fields
+    from safetensors import safe_open
+
+    prefix = f"{fields.rung}."
+    with safe_open(str(fields.path), framework="pt") as f:
+        names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (a safetensors handle, not a dict)
+        return {k[len(prefix):]: f.get_tensor(k) for k in names}
+
+
 def choose(rungs: dict[str, Rungs], params: int, target_bits: float,
            ladder: Sequence[tuple[str, Rung]] = LADDER) -> dict[str, Encoded]:
     """Pick one rung per matrix so that total bytes <= ``target_bits * params / 8`` (see module docstring).
 
-    rungs: name -> :func:`encode_rungs` of that matrix; params: the delta parameters of all of them.
+    rungs: name -> :func:`encode_rungs` of that matrix (or its :func:`spill`); params: the delta parameters of all of them.
     Returns name -> (fields, meta) with ``meta["rung"]`` the ladder label.
     """
     budget = target_bits * params / 8
@@ -109,7 +142,7 @@ def choose(rungs: dict[str, Rungs], params: int, target_bits: float,
     out = {}
     for name, i in level.items():
         fields, meta = rungs[name][i][0]
-        out[name] = (fields, {**meta, "rung": ladder[i][0]})
+        out[name] = (unspill(fields), {**meta, "rung": ladder[i][0]})
     return out
 
 

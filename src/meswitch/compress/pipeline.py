@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import resource
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -30,6 +31,7 @@ from meswitch.compress.config import CompressConfig
 from meswitch.data.chat import pack_blocks
 from meswitch.data.examples import Example
 from meswitch.errors import MeswitchError
+from meswitch.utils.memory import trim_heap
 
 GPTQ_METHODS = ("gptq", "gptq-mixed")  # need the input second moments (expert_hessians)
 ACT_SQ_METHODS = ("salient", "sign2d", "mixed")  # need the per-channel activation statistics
@@ -134,19 +136,35 @@ def gptq_by_block(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
     as its block's ``H`` (fit and val) exists; then one global choice within ``cfg.budget``.
     Returns name -> (fields, meta).
     """
-    from tqdm.auto import tqdm
-
-    from meswitch.compress.allocate import GPTQ_LADDER, choose, encode_rungs, hessian_error
+    from meswitch.compress.allocate import GPTQ_LADDER, choose
 
     names = list(deltas)
     mixed = cfg.method == "gptq-mixed"
-    cache = rung_cache if mixed and rung_cache is not None else {}
-    if mixed and all(n in cache for n in names):  # statistics not needed: every ladder is known
-        return choose({n: cache[n][0] for n in names}, sum(cache[n][1] for n in names), cfg.budget, GPTQ_LADDER)
+    if mixed and rung_cache is not None and all(n in rung_cache for n in names):  # no statistics needed
+        return choose({n: rung_cache[n][0] for n in names}, sum(rung_cache[n][1] for n in names), cfg.budget,
+                      GPTQ_LADDER)
+    if mixed and rung_cache is None:  # nowhere to keep the ladder: its encodings wait on disk for the choice
+        with tempfile.TemporaryDirectory(prefix="meswitch-ladder-") as tmp:
+            return _gptq_walk(expert, tok, calib, cfg, deltas, {}, Path(tmp))
+    return _gptq_walk(expert, tok, calib, cfg, deltas, {} if rung_cache is None else rung_cache, None)
+
+
+def _gptq_walk(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig,
+               deltas: Mapping[str, Callable[[], torch.Tensor]], cache: dict, spill_dir: Path | None
+               ) -> dict[str, tuple[dict, dict]]:
+    """:func:`gptq_by_block`'s walk over the decoder blocks; ``gptq-mixed`` ladders go to ``cache``,
+    their encodings spilled to files in ``spill_dir`` if given."""
+    from tqdm.auto import tqdm
+
+    from meswitch.compress.allocate import GPTQ_LADDER, choose, encode_rungs, hessian_error, spill
+
+    names = list(deltas)
+    mixed = cfg.method == "gptq-mixed"
     pool = _hessian_pool(tok, calib, cfg)
     n_val = max(1, len(pool) // 4) if mixed else 0
     sets = [pool[: len(pool) - n_val].split(4), *([pool[-n_val:].split(4)] if mixed else [])]
     g_sq = collect_output_grad_sq(expert, pool[-n_val:].split(2), names) if mixed else {}
+    trim_heap()
     out: dict[str, tuple[dict, dict]] = {}
     bar = tqdm(total=len(names), desc="encode", unit="layer", dynamic_ncols=True)
     for inside, hs in hessians_by_block(expert, sets, names):
@@ -154,13 +172,16 @@ def gptq_by_block(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
             if name not in cache:
                 d = deltas[name]()
                 if mixed:
-                    cache[name] = (encode_rungs(d, hs[0][name], GPTQ_LADDER, hessian_error,
-                                                (hs[1][name], g_sq[name])), d.numel())
+                    rungs = encode_rungs(d, hs[0][name], GPTQ_LADDER, hessian_error, (hs[1][name], g_sq[name]))
+                    if spill_dir is not None:
+                        rungs = spill(rungs, spill_dir / f"{len(cache)}.safetensors")
+                    cache[name] = (rungs, d.numel())
                 else:
                     out[name] = encode_delta(d, "gptq", cfg.bits, hessian=hs[0][name])
                 del d
             bar.update()
         del hs  # this block's matrices go before the next block's are made
+        trim_heap()  # and the pages of its transient tensors go back to the OS
     bar.close()
     if not mixed:
         return out
@@ -215,6 +236,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
             k = salient_k(cfg, *delta.shape)
             layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
                                                     cfg.symmetric, cfg.clip, hessians.fit.get(name))
+    trim_heap()  # the encodings not chosen (allocation's ladder) were many small tensors
     linear_weights = {f"{n}.weight" for n in names}
     unchanged = []
     stored: set[int] = set()  # tied tensors (embeddings = lm_head) appear under two names: store once
@@ -222,12 +244,11 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         if pname in linear_weights or t.data_ptr() in stored:
             continue
         stored.add(t.data_ptr())
-        d = t - b_state[pname]
-        if torch.count_nonzero(d) == 0:
+        if torch.equal(t, b_state[pname]):  # compared in place: the embeddings' delta would be ~0.1 GB
             unchanged.append(pname)
         else:
-            layers[pname] = {"delta": d.to(torch.float16)}
-            meta[pname] = {"method": "dense", "bits": 16, "shape": list(d.shape), "salient": 0}
+            layers[pname] = {"delta": (t - b_state[pname]).to(torch.float16)}
+            meta[pname] = {"method": "dense", "bits": 16, "shape": list(t.shape), "salient": 0}
 
     dense = {n for n, m in meta.items() if m["method"] == "dense"}
     apply_delta(base, {n: layers[n] for n in dense}, {n: meta[n] for n in dense})
@@ -237,6 +258,7 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
 
         distill_losses = tune_grids(base, expert, layers, meta, cal_ids, cal_mask, cfg.steps,
                                     cfg.distill_lr)
+        trim_heap()
     quantized = [n for n in meta if n not in dense]
     apply_delta(base, {n: layers[n] for n in quantized}, {n: meta[n] for n in quantized})
     compress_s = time.perf_counter() - t0

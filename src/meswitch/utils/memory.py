@@ -9,6 +9,15 @@ import sys
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def map_large_allocations(threshold: int = 1 << 20) -> bool:
     """Serve every allocation of at least ``threshold`` bytes with its own ``mmap`` (glibc only).
 
@@ -19,10 +28,22 @@ def map_large_allocations(threshold: int = 1 << 20) -> bool:
     large tensor's pages when it is freed, for a page fault per page on the next allocation. Applies
     to the whole process: meant for a command's entry point. Returns whether the setting took.
     """
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # no C library to load, or not glibc (musl has no mallopt)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold))) if libc else False
+    except AttributeError:  # not glibc (musl has no mallopt)
+        return False
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``); whether any were.
+
+    Many small tensors freed together (a ladder of encodings once one rung per matrix is chosen:
+    ~0.2 GB of the full zoo's expert) leave free pages inside the heap that it keeps otherwise. Cheap
+    (milliseconds); call it after such a phase. A no-op elsewhere than glibc.
+    """
+    libc = _libc()
+    try:
+        return bool(libc.malloc_trim(0)) if libc else False
+    except AttributeError:
         return False
