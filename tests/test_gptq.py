@@ -312,3 +312,18 @@ def test_streamed_statistics_store_what_all_at_once_statistics_store(method, smo
             assert fields.keys() == layers[name].keys(), name
             for k, t in fields.items():
                 assert torch.equal(t, layers[name][k]), (name, k)
+
+
+def test_a_rung_cache_filled_by_the_mixed_method_leaves_plain_gptq_alone(smollm_tokenizer):
+    from meswitch.compress.pipeline import compress_model
+
+    calib = domain_examples("math", 40, 0)
+    base = tiny_llama(vocab=VOCAB)
+    expert = perturbed(base, 2)
+    cache: dict = {}
+    compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="gptq-mixed", target_bits=1.5),
+                   rung_cache=cache)
+    assert len(cache) == len(linear_names(base))
+    _, meta, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="gptq", bits=3),
+                                rung_cache=cache)
+    assert {meta[n]["bits"] for n in linear_names(base)} == {3}

@@ -102,7 +102,7 @@ def unspill(fields: dict[str, Tensor] | Spilled) -> dict[str, Tensor]:
     prefix = f"{fields.rung}."
     with safe_open(str(fields.path), framework="pt") as f:
         names = [k for k in f.keys() if k.startswith(prefix)]  # noqa: SIM118 (a safetensors handle, not a dict)
-        return {k[len(prefix):]: f.get_tensor(k) for k in names}
+        return {k[len(prefix):]: f.get_tensor(k).clone() for k in names}  # a copy: the file is not kept mapped
 
 
 def choose(rungs: dict[str, Rungs], params: int, target_bits: float,

@@ -146,7 +146,7 @@ def gptq_by_block(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
     if mixed and rung_cache is None:  # nowhere to keep the ladder: its encodings wait on disk for the choice
         with tempfile.TemporaryDirectory(prefix="meswitch-ladder-") as tmp:
             return _gptq_walk(expert, tok, calib, cfg, deltas, {}, Path(tmp))
-    return _gptq_walk(expert, tok, calib, cfg, deltas, {} if rung_cache is None else rung_cache, None)
+    return _gptq_walk(expert, tok, calib, cfg, deltas, rung_cache if mixed and rung_cache is not None else {}, None)
 
 
 def _gptq_walk(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: CompressConfig,
