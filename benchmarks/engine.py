@@ -15,7 +15,11 @@ memory for 1, 3 and 16 experts against as many full models, the time to bring an
 disk, and per case the bytes of weights read and FLOPs per decode step, the limit they imply on
 this machine (bandwidth and GFLOPS measured here) and the achieved fraction of it.
 
-    python benchmarks/engine.py [--store DIR] [--steps 16] [--threads 2] [--json]
+Each tokens/s figure is the median of ``--repeats`` timed runs taken in turn with the other cases
+at the same batch size (base, one, mixed3, mixed16, base, ...), so that drift on a shared machine
+falls on every case alike instead of on whichever ran last.
+
+    python benchmarks/engine.py [--store DIR] [--steps 16] [--repeats 3] [--threads 2] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=Path.home() / ".cache/meswitch/stores/full")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per case and batch size, taken in turn")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--swap-requests", type=int, default=6)
     ap.add_argument("--json", action="store_true")
@@ -179,23 +185,29 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"machine": machine(), "threads": args.threads, "steps": args.steps,
                      "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9, "tokens_per_s": {}, "limits": {},
-                     "memory_bytes": {}, "load_ms": {}}
+                     "repeats": args.repeats, "samples": {}, "memory_bytes": {}, "load_ms": {}}
     cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16}
     for policy, kw in POLICIES.items():
         engine = Engine(store16, base, tok, EngineConfig(max_batch=16, **kw), check_base=False)
-        for case, experts in cases.items():
-            if policy == "exact" and case == "mixed16":
-                continue
-            for b in BATCHES:
+        run = {c: e for c, e in cases.items() if not (policy == "exact" and c == "mixed16")}
+        for b in BATCHES:
+            for experts in run.values():
                 decode_rate(engine, experts, b, WARMUP)  # loads and merges happen here, not in the timing
-                rate = decode_rate(engine, experts, b, args.steps)
+            samples: dict[str, list[float]] = {c: [] for c in run}
+            for _ in range(args.repeats):  # every case in turn, so a shared machine's drift hits them alike
+                for case, experts in run.items():
+                    samples[case].append(decode_rate(engine, experts, b, args.steps))
+            for case, experts in run.items():
+                rate = statistics.median(samples[case])
                 results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
+                results["samples"].setdefault(policy, {}).setdefault(case, {})[str(b)] = samples[case]
                 nb, fl = step_cost(case, b, kw, p_lin, p_head, delta_bytes, len(experts))
                 limit = b / max(nb / bw, fl / gflops)
                 results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {
                     "bytes_read": nb, "flops": fl, "limit_tokens_per_s": limit, "achieved": rate / limit,
                     "regime": "memory" if nb / bw > fl / gflops else "compute"}
-                print(f"[{policy}] {case:8s} batch {b:2d}: {rate:7.1f} tok/s", file=sys.stderr, flush=True)
+                print(f"[{policy}] {case:8s} batch {b:2d}: {rate:7.1f} tok/s (median of "
+                      f"{', '.join(f'{x:.1f}' for x in samples[case])})", file=sys.stderr, flush=True)
         snap = engine.pool.snapshot()
         results["load_ms"][policy] = {n: s["load_ms"] for n, s in snap["experts"].items() if s["load_ms"]}
         for n, st in snap["experts"].items():
