@@ -135,23 +135,20 @@ def engine_traffic(engine, names: list[str], requests: int, new_tokens: int, tog
 
 def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delta_bytes: float,
               n_exp: int) -> tuple[float, float]:
-    """(weight bytes read, FLOPs) of one decode step with fp32 base weights, from the path each segment takes.
+    """(weight bytes read, FLOPs) of one decode step with fp32 base weights, from the path the engine takes.
 
-    Merged experts read their own ``W_base + delta``; the others share one read of the base and add
-    their delta in its stored form (packed codes: ``delta_bytes``; int4: half a byte per weight), as a
-    fused kernel would: the bound such a kernel could reach, not what unpacking with torch ops costs.
+    As ``ExpertLinear.forward`` does: a batch of one expert that has merged weights reads its own
+    ``W_base + delta``; any other batch with expert rows reads the base once and adds each expert's
+    delta in its resident form (packed codes: ``delta_bytes``; int4: half a byte per weight) over
+    its rows, as a fused kernel would: the bound such a kernel could reach, not what unpacking with
+    torch ops costs. Merged weights are never read in a mixed batch.
     """
-    segs = 0 if case == "base" else min(batch, 1 if case == "one" else n_exp)
-    nbytes, flops = 4 * p_head, 2 * p_head * batch
-    merged = min(segs, policy["max_merged"])
-    rows_unmerged = batch - batch * merged // segs if segs else batch
-    nbytes += 4 * p_lin * merged + (4 * p_lin if rows_unmerged else 0)
-    flops += 2 * p_lin * batch
+    nbytes, flops = 4 * p_head + 4 * p_lin, 2 * (p_head + p_lin) * batch  # the head, and one linear pass
+    if case == "base" or (case == "one" and policy["max_merged"] > 0):
+        return nbytes, flops
+    segs = min(batch, 1 if case == "one" else n_exp)
     per_delta = 0.5 * p_lin if policy["delta_cache"] == "int4" else delta_bytes
-    if segs > merged:
-        nbytes += per_delta * (segs - merged)
-        flops += 2 * p_lin * rows_unmerged
-    return nbytes, flops
+    return nbytes + per_delta * segs, flops + 2 * p_lin * batch
 
 
 def main(argv: list[str] | None = None) -> int:
