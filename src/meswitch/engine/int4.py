@@ -46,13 +46,14 @@ class Int4Delta:
     sz: Tensor
     x_scale: Tensor
     out_features: int
+    unit_scale: bool = False  # x_scale is all ones (no salient columns, no column scales): no multiply
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.sz, self.x_scale))
 
     def matmul(self, x: Tensor) -> Tensor:
         """``x: [n, in]`` -> float32 ``[n, out]``: the quantized columns' part of ``x @ delta^T``."""
-        xb = (x.float() * self.x_scale).to(torch.bfloat16)
+        xb = x.to(torch.bfloat16) if self.unit_scale else (x.float() * self.x_scale).to(torch.bfloat16)
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.sz).float()
 
 
@@ -80,4 +81,5 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
     x_scale = torch.zeros(n)
     x_scale[rest_idx] = col_scale.float() if col_scale is not None else 1.0
     sz = torch.stack([s, z], -1)[None].expand(n // g, out, 2).contiguous().to(torch.bfloat16)
-    return Int4Delta(torch._convert_weight_to_int4pack_for_cpu(q, 2), g, sz, x_scale, out)
+    unit = col_scale is None and len(rest_idx) == n  # every column quantized, none scaled
+    return Int4Delta(torch._convert_weight_to_int4pack_for_cpu(q, 2), g, sz, x_scale, out, unit)
