@@ -295,3 +295,20 @@ def test_int4_residency_falls_back_to_exact_path_for_shapes_the_kernel_cannot_ta
     assert pd.resident is None
     x = torch.randn(3, IN, generator=gen(1))
     torch.testing.assert_close(pd.matmul(x), x @ decode_delta(fields, meta).T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ids", [[-1, 0, 0, 2, 2], [2, -1, 0, 2, 0]])  # sorted (slices) and not (masks)
+def test_expert_norm_adds_each_rows_own_norm_delta(ids):
+    from meswitch.engine.layers import ExpertNorm
+
+    g = torch.Generator().manual_seed(4)
+    weight, x = torch.rand(6, generator=g) + 0.5, torch.randn(5, 6, generator=g)
+    norm = ExpertNorm(weight, 1e-6)
+    norm.deltas = {0: torch.randn(6, generator=g).half(), 2: torch.randn(6, generator=g).half()}
+    segments = Segments.from_ids(ids)
+    got = norm(x, segments, torch.tensor(ids))
+    for i, e in enumerate(ids):  # row by row: RMS-normalize, then the base weight plus that row's delta
+        w = weight + (norm.deltas[e].float() if e >= 0 else 0)
+        want = x[i] / torch.sqrt(x[i].pow(2).mean() + 1e-6) * w
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
+    assert segments.is_sorted == (ids == sorted(ids))  # the first case takes the slices, the second the masks
