@@ -136,13 +136,7 @@ def gptq_by_block(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
     as its block's ``H`` (fit and val) exists; then one global choice within ``cfg.budget``.
     Returns name -> (fields, meta).
     """
-    from meswitch.compress.allocate import GPTQ_LADDER, choose
-
-    names = list(deltas)
     mixed = cfg.method == "gptq-mixed"
-    if mixed and rung_cache is not None and all(n in rung_cache for n in names):  # no statistics needed
-        return choose({n: rung_cache[n][0] for n in names}, sum(rung_cache[n][1] for n in names), cfg.budget,
-                      GPTQ_LADDER)
     if mixed and rung_cache is None:  # nowhere to keep the ladder: its encodings wait on disk for the choice
         with tempfile.TemporaryDirectory(prefix="meswitch-ladder-") as tmp:
             return _gptq_walk(expert, tok, calib, cfg, deltas, {}, Path(tmp))
@@ -160,6 +154,8 @@ def _gptq_walk(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: Com
 
     names = list(deltas)
     mixed = cfg.method == "gptq-mixed"
+    if mixed and all(n in cache for n in names):  # statistics not needed: every ladder is known
+        return choose({n: cache[n][0] for n in names}, sum(cache[n][1] for n in names), cfg.budget, GPTQ_LADDER)
     pool = _hessian_pool(tok, calib, cfg)
     n_val = max(1, len(pool) // 4) if mixed else 0
     sets = [pool[: len(pool) - n_val].split(4), *([pool[-n_val:].split(4)] if mixed else [])]
