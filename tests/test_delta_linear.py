@@ -297,7 +297,7 @@ def test_int4_residency_falls_back_to_exact_path_for_shapes_the_kernel_cannot_ta
     torch.testing.assert_close(pd.matmul(x), x @ decode_delta(fields, meta).T, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("ids", [[-1, 0, 0, 2, 2], [2, -1, 0, 2, 0]])  # sorted (slices) and not (masks)
+@pytest.mark.parametrize("ids", [[-1, 0, 0, 2, 2], [2, -1, 0, 2, 0]])  # sorted and not
 def test_expert_norm_adds_each_rows_own_norm_delta(ids):
     from meswitch.engine.layers import ExpertNorm
 
@@ -311,4 +311,4 @@ def test_expert_norm_adds_each_rows_own_norm_delta(ids):
         w = weight + (norm.deltas[e].float() if e >= 0 else 0)
         want = x[i] / torch.sqrt(x[i].pow(2).mean() + 1e-6) * w
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-6)
-    assert segments.is_sorted == (ids == sorted(ids))  # the first case takes the slices, the second the masks
+    assert segments.is_sorted == (ids == sorted(ids))

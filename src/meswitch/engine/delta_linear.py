@@ -160,6 +160,17 @@ class PackedDelta:
         return self.salient_idx.shape[0]
 
     @property
+    def int4(self) -> Any:
+        """The fused CPU kernel's form (:class:`~meswitch.engine.int4.Int4Delta`) when resident, else None."""
+        return getattr(self, "_int4", None)
+
+    def use_int4(self, fused: Any) -> None:
+        """Hold ``fused`` (the same codes, e.g. a view into layers stacked by :func:`~meswitch.engine.int4.concat`)."""
+        if self.int4 is None:
+            raise ValueError("no int4 form is resident to replace")
+        object.__setattr__(self, "_int4", fused)
+
+    @property
     def resident(self) -> Resident:
         """What is cached beside the packed codes: ``"dense"``, ``"codes"`` or None."""
         if getattr(self, "_int4", None) is not None:

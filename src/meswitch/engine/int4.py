@@ -18,8 +18,9 @@ reference.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -54,7 +55,48 @@ class Int4Delta:
     def matmul(self, x: Tensor) -> Tensor:
         """``x: [n, in]`` -> float32 ``[n, out]``: the quantized columns' part of ``x @ delta^T``."""
         xb = x.to(torch.bfloat16) if self.unit_scale else (x.float() * self.x_scale).to(torch.bfloat16)
-        return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.sz).float()
+        return self.mm(xb).float()
+
+    def mm(self, xb: Tensor) -> Tensor:
+        """The bare kernel call: ``xb: bf16 [n, in]``, already scaled by ``x_scale`` -> bf16 ``[n, out]``.
+
+        For callers that convert a step's rows once and reuse them across experts (unit-scale deltas).
+        """
+        return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.sz)
+
+
+@functools.cache
+def row_block() -> int:
+    """Output rows the kernel's packed layout interleaves: packing stacked rows equals stacking packed blocks of this many."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (2 * 128, 64), dtype=torch.int32, generator=g)
+    for rows in (16, 32, 64, 128):
+        parts = [torch._convert_weight_to_int4pack_for_cpu(q[i : i + rows], 2) for i in (0, rows)]
+        if torch.equal(torch.cat(parts), torch._convert_weight_to_int4pack_for_cpu(q[: 2 * rows], 2)):
+            return rows
+    return 1 << 30  # no block size found: nothing stacks
+
+
+def concat(parts: list[Int4Delta]) -> tuple[Int4Delta, list[Int4Delta]] | None:
+    """Deltas of layers reading the same input (q/k/v, gate/up) as one kernel call over their stacked rows.
+
+    The kernel's layout interleaves the codes of :func:`row_block` output rows; parts whose rows
+    fill whole blocks (all but the last) stack along ``out`` (``packed``, and ``sz`` along its
+    ``out`` dim) so that ``mm(xb) == cat([p.mm(xb) for p in parts], 1)``, bit for bit. Returns the stacked delta and the parts rebuilt over views of its ``packed``
+    (the memory is held once), or None unless every part is unit-scale with one group size.
+    """
+    if not parts or any(not p.unit_scale or p.group != parts[0].group for p in parts):
+        return None
+    if any(p.packed.shape[0] % row_block() for p in parts[:-1]):  # a block would straddle two parts
+        return None
+    packed = torch.cat([p.packed for p in parts])
+    fused = Int4Delta(packed, parts[0].group, torch.cat([p.sz for p in parts], 1), parts[0].x_scale,
+                      packed.shape[0], True)
+    views, row = [], 0
+    for p in parts:
+        views.append(replace(p, packed=packed[row : row + p.packed.shape[0]]))
+        row += p.packed.shape[0]
+    return fused, views
 
 
 def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, bits: int, shape: tuple[int, int],

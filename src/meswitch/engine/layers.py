@@ -13,10 +13,18 @@ as ``base(x) + delta.matmul(x)`` per expert segment from the packed delta
 row belongs to one expert that has it, one matmul with a cached merged weight ``W_base + delta_e``.
 On CUDA with Triton, a mixed batch's packed deltas go through one kernel launch per layer that reads
 the stored codes directly (:mod:`~meswitch.engine.sgmv_triton`); other deltas keep the PyTorch path.
+On CPU, a sorted step converts its rows to bf16 once per layer and adds each expert's int4 delta
+(:mod:`~meswitch.engine.int4`) to its slice of rows.
+
+:class:`SharedInputLinears` runs layers that read one input (q/k/v, gate/up) as one: a stacked
+base weight (the layers' parameters become views of it) and, per expert, one int4 kernel call over
+the stacked deltas. A decode step on this project's 2-core CPU is made of a few hundred small
+calls; fewer calls is what brought a mixed batch closer to the base (docs/engine.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meswitch.engine import sgmv_triton
+from meswitch.engine import int4, sgmv_triton
 from meswitch.engine.delta_linear import delta_matmul
+from meswitch.engine.int4 import Int4Delta
 from meswitch.engine.segments import Segments
 
 
@@ -71,6 +80,8 @@ class ExpertLinear(nn.Module):
         self.deltas: dict[int, Delta] = {}
         self.merged: dict[int, Tensor] = {}
         self._table: sgmv_triton.ExpertTable | None = None  # the kernel's view of self.deltas
+        # expert -> (the deltas it was built from, int4 deltas of the layers sharing this input, stacked)
+        self.fused: dict[int, tuple[tuple[Delta | None, ...], Int4Delta | None]] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,30 +97,146 @@ class ExpertLinear(nn.Module):
         """Forget expert ``idx`` (its delta and any merged weight)."""
         self.deltas.pop(idx, None)
         self.merged.pop(idx, None)
+        self.fused.pop(idx, None)
+
+    def whole_batch_weight(self, segments: Segments) -> Tensor | None:
+        """The one weight every row uses when there is one (the base's or a merged one), else None."""
+        single = segments.single_expert
+        if single is not None and (single < 0 or single in self.merged or single not in self.deltas):
+            return self.merged.get(single, self.base.weight)
+        return None
 
     def forward(self, x: Tensor, segments: Segments) -> Tensor:
         """``x: [T, in]`` -> ``[T, out]``; rows of experts with no delta in this layer get the base."""
-        single = segments.single_expert
-        if single is not None and (single < 0 or single in self.merged or single not in self.deltas):
-            w = self.merged.get(single, self.base.weight)
+        w = self.whole_batch_weight(segments)
+        if w is not None:
             return F.linear(x, w, self.base.bias)
         # Mixed batch: one pass over the base weight for every row, then each expert's delta on its
         # rows. Merged weights are not used here: they would read one full weight copy per expert.
         y = self.base(x)
+        self.add_deltas(x, segments, y)
+        return y
+
+    def add_deltas(self, x: Tensor, segments: Segments, y: Tensor) -> None:
+        """``y[i] += x[i] @ delta_{e_i}^T`` for every row whose expert has a delta here (``y: [T, out]``)."""
         present = {e: self.deltas[e] for e in segments.experts if e in self.deltas}
-        if present and sgmv_triton.usable(x):
+        if not present:
+            return
+        if sgmv_triton.usable(x):
             sgmv_triton.sgmv_delta(x, segments, self.expert_table(), y)
             sgmv_triton.add_salient(x, segments, present, y)
             present = {e: d for e, d in present.items() if not sgmv_triton.supports(d)}
+        elif segments.is_sorted:  # the engine's steps: each expert's rows are one slice
+            xb = None
+            for e, s, t in segments:
+                fused = _unit_int4(present.get(e))
+                if fused is not None:
+                    xb = x.to(torch.bfloat16) if xb is None else xb  # once per step, shared by the experts
+                    y[s:t] += fused.mm(xb[s:t])
+                    del present[e]
         if present:
             delta_matmul(x, _restrict(segments, present), present, y)
-        return y
+
+    def fused_with(self, e: int, mods: Sequence[ExpertLinear]) -> Int4Delta | None:
+        """Expert ``e``'s int4 deltas of ``mods`` (this layer first, all reading one input) stacked along ``out``.
+
+        Built on first use and kept until the expert is dropped or any of its deltas is replaced;
+        the layers' own int4 forms become views of it, so the codes are held once. None unless
+        every layer holds a unit-scale int4 delta of ``e``.
+        """
+        parts = tuple(m.deltas.get(e) for m in mods)
+        hit = self.fused.get(e)
+        if hit is not None and len(hit[0]) == len(parts) and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+            return hit[1]
+        forms = [_unit_int4(d) for d in parts]
+        stacked = int4.concat(forms) if all(f is not None for f in forms) else None  # type: ignore[arg-type]
+        if stacked is None:
+            self.fused[e] = (parts, None)
+            return None
+        for d, view in zip(parts, stacked[1], strict=True):
+            d.use_int4(view)  # type: ignore[union-attr]
+        self.fused[e] = (parts, stacked[0])
+        return stacked[0]
 
     def expert_table(self) -> sgmv_triton.ExpertTable:
         """The Triton kernel's table of this layer's deltas, rebuilt when they changed."""
         if self._table is None or not self._table.matches(self.deltas):
             self._table = sgmv_triton.ExpertTable.build(self.deltas, self.base.weight.device)
         return self._table
+
+
+class SharedInputLinears(nn.Module):
+    """Linear layers that read the same input (q/k/v; gate/up) run as one: ``forward(x, segments)``
+    equals ``[m(x, segments) for m in layers]``, with fewer and wider calls.
+
+    The layers' base weights (and biases) are stacked into one ``[sum out, in]`` tensor and the
+    layers' own parameters become views of it, so the base is held once and a step makes one base
+    matmul for the group. On a sorted CPU step each expert's int4 deltas of all the layers run as
+    one kernel call (:meth:`ExpertLinear.fused_with`) added to the stacked output. Batches of one
+    merged expert, CUDA steps and weights that were moved or replaced since take the layers one by one.
+    """
+
+    def __init__(self, layers: Sequence[ExpertLinear]) -> None:
+        super().__init__()
+        self._layers = tuple(layers)  # not registered: they stay the decoder layer's submodules
+        self.widths = [m.shape[0] for m in layers]
+        bases = [m.base for m in layers]
+        w0 = bases[0].weight
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+        same = all(b.weight.dtype == w0.dtype and b.weight.device == w0.device and b.in_features == bases[0].in_features
+                   for b in bases)
+        has_bias = [b.bias is not None for b in bases]
+        if not same or any(has_bias) != all(has_bias):
+            return
+        with torch.no_grad():
+            self.weight = torch.cat([b.weight.detach() for b in bases])
+            for b, part in zip(bases, self.weight.split(self.widths), strict=True):
+                b.weight.data = part
+            if all(has_bias):
+                self.bias = torch.cat([b.bias.detach() for b in bases])  # type: ignore[union-attr]
+                for b, part in zip(bases, self.bias.split(self.widths), strict=True):
+                    b.bias.data = part  # type: ignore[union-attr]
+        self._ptrs = [b.weight.data_ptr() for b in bases]
+
+    def _stacked(self) -> bool:
+        """Whether the layers' weights are still the views of :attr:`weight` made at construction."""
+        return self.weight is not None and all(
+            m.base.weight.data_ptr() == p for m, p in zip(self._layers, self._ptrs, strict=True))
+
+    def forward(self, x: Tensor, segments: Segments) -> list[Tensor]:
+        """``x: [T, in]`` -> one ``[T, out_j]`` per layer (column views of one ``[T, sum out]`` output)."""
+        layers = self._layers
+        if not self._stacked() or sgmv_triton.usable(x):
+            return [m(x, segments) for m in layers]
+        single = segments.single_expert
+        if single is not None and any(single in m.merged for m in layers):
+            return [m(x, segments) for m in layers]
+        y = F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
+        if single is not None and (single < 0 or all(single not in m.deltas for m in layers)):
+            return list(y.split(self.widths, 1))
+        rest: list[int] = []
+        xb = None
+        for e, s, t in segments:
+            stacked = layers[0].fused_with(e, layers) if e >= 0 and segments.is_sorted else None
+            if stacked is None:
+                rest.append(e)
+                continue
+            xb = x.to(torch.bfloat16) if xb is None else xb  # once per step, shared by the experts
+            y[s:t] += stacked.mm(xb[s:t])
+        ys = list(y.split(self.widths, 1))
+        if any(e >= 0 for e in rest):
+            only = segments if len(rest) == len(segments) else Segments.from_ids(
+                [e if e in rest else -1 for e in segments.expert_ids])
+            for m, part in zip(layers, ys, strict=True):
+                m.add_deltas(x, only, part)
+        return ys
+
+
+def _unit_int4(d: Delta | None) -> Int4Delta | None:
+    """``d``'s int4 form when one kernel call gives its whole delta (no salient columns, no column scales)."""
+    fused = getattr(d, "int4", None)
+    return fused if fused is not None and fused.unit_scale and not d.k else None  # type: ignore[union-attr]
 
 
 def _restrict(segments: Segments, present: dict[int, Delta]) -> Segments:
@@ -123,6 +250,8 @@ class ExpertNorm(nn.Module):
     """RMSNorm with per-expert weight deltas: ``y[i] = rms_normalize(x[i]) * (w + dw_{e_i})``.
 
     ``x: [T, D]`` -> ``[T, D]``; ``dw`` float ``[D]``, from a dense stored delta of the norm weight.
+    A step with deltas gathers each row's ``w + dw_e`` from a table (one row per expert id, rebuilt
+    when the deltas change): three ops per norm however many experts the step holds.
     """
 
     def __init__(self, weight: Tensor, eps: float) -> None:
@@ -130,23 +259,30 @@ class ExpertNorm(nn.Module):
         self.weight = weight
         self.eps = eps
         self.deltas: dict[int, Tensor] = {}
+        self._table: tuple[tuple[tuple[int, int], ...], Tensor] | None = None
 
     def drop(self, idx: int) -> None:
         self.deltas.pop(idx, None)
+
+    def table(self, min_rows: int = 0) -> Tensor:
+        """``[R, D]`` in the weight's dtype, ``R >= min_rows``: row ``e + 1`` is ``w + dw_e`` (``w`` where
+        expert ``e`` has no delta), row 0 is ``w`` (the base)."""
+        key = tuple((e, id(d)) for e, d in self.deltas.items())
+        if self._table is None or self._table[0] != key or self._table[1].shape[0] < min_rows:
+            w = self.weight.detach()
+            table = w.float().expand(max(max(self.deltas, default=-1) + 2, min_rows), -1).clone()
+            for e, d in self.deltas.items():
+                table[e + 1] += d.to(table.device, torch.float32)
+            self._table = (key, table.to(w.dtype))
+        return self._table[1]
 
     def forward(self, x: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
         """``expert_rows: int64 [T]``, the expert index of each row (``segments.expert_ids`` as a tensor)."""
         xf = x.float()
         normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        y = self.weight * normed
-        for e, s, t in segments:
-            if e in self.deltas:
-                if segments.is_sorted:  # the engine's steps: each expert's rows are one slice, no masks
-                    y[s:t].addcmul_(normed[s:t], self.deltas[e].to(y.dtype))
-                else:
-                    rows = expert_rows == e
-                    y[rows] += normed[rows] * self.deltas[e].to(y.dtype)
-        return y
+        if not any(e in self.deltas for e in segments.experts):
+            return self.weight * normed
+        return normed * self.table(segments.experts[-1] + 2).index_select(0, expert_rows + 1)
 
 
 class ExpertEmbedding(nn.Module):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from meswitch.engine.errors import UnsupportedModelError
 from meswitch.engine.kv_cache import KVCache
-from meswitch.engine.layers import ExpertEmbedding, ExpertLinear, ExpertNorm
+from meswitch.engine.layers import ExpertEmbedding, ExpertLinear, ExpertNorm, SharedInputLinears
 from meswitch.engine.segments import Segments
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -74,6 +74,7 @@ class DecoderLayer(nn.Module):
         self.norm2 = ExpertNorm(hf_layer.post_attention_layernorm.weight, eps)
         self.q, self.k, self.v, self.o = (ExpertLinear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
         self.gate, self.up, self.down = (ExpertLinear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.qkv, self.gate_up = SharedInputLinears((self.q, self.k, self.v)), SharedInputLinears((self.gate, self.up))
         self.act = mlp.act_fn
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -86,13 +87,14 @@ class DecoderLayer(nn.Module):
         seg, rows = batch.segments, batch.expert_rows
         x = self.norm1(h, seg, rows)
         t = x.shape[0]
-        q = _rope(self.q(x, seg).view(t, self.heads, self.head_dim), cos, sin)
-        k = _rope(self.k(x, seg).view(t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v(x, seg).view(t, self.kv_heads, self.head_dim)
-        a = attention(q, k, v, batch, cache, index)  # [T, H * hd]
+        q, k, v = self.qkv(x, seg)
+        q = _rope(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = _rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        a = attention(q, k, v.view(t, self.kv_heads, self.head_dim), batch, cache, index)  # [T, H * hd]
         h = h + self.o(a, seg)
         x = self.norm2(h, seg, rows)
-        return h + self.down(self.act(self.gate(x, seg)) * self.up(x, seg), seg)
+        gate, up = self.gate_up(x, seg)
+        return h + self.down(self.act(gate) * up, seg)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
