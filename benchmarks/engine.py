@@ -80,23 +80,41 @@ def decode_rate(engine, experts: list, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def machine_limits(model) -> tuple[float, float]:
-    """(bytes/s, FLOP/s) of fp32 ``x @ W^T`` over every linear weight of ``model``, at batch 1 and 16."""
+def machine_limits(model) -> tuple[float, float, float | None]:
+    """(bytes/s, FLOP/s) of fp32 ``x @ W^T`` over every linear weight of ``model``, at batch 1 and 16,
+    and the FLOP/s of the int4 delta kernel over the same shapes at batch 16 (None without it)."""
     import torch
+
+    from meswitch.engine import int4
 
     ws = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     nbytes = sum(w.numel() * 4 for w in ws)
     flops = sum(2 * w.numel() for w in ws)
+
+    def timed(fn) -> float:
+        fn()  # weights touched, kernels warm
+        best = float("inf")
+        for _ in range(3):  # the best of three: what the machine can do, not its neighbours' noise
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
     out = []
     for b in (1, 16):
         xs = {w.shape[1]: torch.randn(b, w.shape[1]) for w in ws}
-        for _ in range(2):
-            t0 = time.perf_counter()
-            for w in ws:
-                xs[w.shape[1]] @ w.T
-            dt = time.perf_counter() - t0
-        out.append(dt)
-    return nbytes / out[0], flops * 16 / out[1]
+        out.append(timed(lambda xs=xs: [xs[w.shape[1]] @ w.T for w in ws]))
+    lin = [w for w in ws if int4.group_size(w.shape[1]) and w.shape[0] % 16 == 0 and w.shape[0] < 8192]  # no head
+    if not int4.available() or not lin:
+        return nbytes / out[0], flops * 16 / out[1], None
+    g = torch.Generator().manual_seed(0)
+    packed = [(torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, w.shape, dtype=torch.int32, generator=g), 2),
+               int4.group_size(w.shape[1]), torch.rand(w.shape[1] // int4.group_size(w.shape[1]), w.shape[0], 2,
+                                                       generator=g).bfloat16()) for w in lin]
+    xb = {w.shape[1]: torch.randn(16, w.shape[1]).bfloat16() for w in lin}
+    t4 = timed(lambda: [torch._weight_int4pack_mm_for_cpu(xb[w.shape[1]], p, gs, sz)
+                        for w, (p, gs, sz) in zip(lin, packed, strict=True)])
+    return nbytes / out[0], flops * 16 / out[1], sum(2 * w.numel() for w in lin) * 16 / t4
 
 
 def swap_baseline(zoo_experts: dict[str, Path], tokenizer, requests: int, new_tokens: int) -> dict:
@@ -134,21 +152,23 @@ def engine_traffic(engine, names: list[str], requests: int, new_tokens: int, tog
 
 
 def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delta_bytes: float,
-              n_exp: int) -> tuple[float, float]:
-    """(weight bytes read, FLOPs) of one decode step with fp32 base weights, from the path the engine takes.
+              n_exp: int) -> tuple[float, float, float]:
+    """(weight bytes read, base FLOPs, delta FLOPs) of one decode step with fp32 base weights, from the
+    path the engine takes.
 
     As ``ExpertLinear.forward`` does: a batch of one expert that has merged weights reads its own
     ``W_base + delta``; any other batch with expert rows reads the base once and adds each expert's
     delta in its resident form (packed codes: ``delta_bytes``; int4: half a byte per weight) over
     its rows, as a fused kernel would: the bound such a kernel could reach, not what unpacking with
-    torch ops costs. Merged weights are never read in a mixed batch.
+    torch ops costs. Merged weights are never read in a mixed batch. The delta FLOPs are counted
+    apart: the int4 kernel does them at its own rate (bf16 arithmetic), not fp32's.
     """
     nbytes, flops = 4 * p_head + 4 * p_lin, 2 * (p_head + p_lin) * batch  # the head, and one linear pass
     if case == "base" or (case == "one" and policy["max_merged"] > 0):
-        return nbytes, flops
+        return nbytes, flops, 0.0
     segs = min(batch, 1 if case == "one" else n_exp)
     per_delta = 0.5 * p_lin if policy["delta_cache"] == "int4" else delta_bytes
-    return nbytes + per_delta * segs, flops + 2 * p_lin * batch
+    return nbytes + per_delta * segs, flops, 2 * p_lin * batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p_head = base.lm_head.weight.numel()
     p_lin = sum(m.weight.numel() for n, m in base.named_modules()
                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
-    bw, gflops = machine_limits(base)
+    bw, gflops, gflops_int4 = machine_limits(base)
     names3 = src.experts
     delta_bytes = sum(src.total_bytes(n) for n in names3) / len(names3)
 
     results: dict = {"machine": machine(), "threads": args.threads, "steps": args.steps,
-                     "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9, "tokens_per_s": {}, "limits": {},
+                     "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9,
+                     "gflops_int4": gflops_int4 / 1e9 if gflops_int4 else None, "tokens_per_s": {}, "limits": {},
                      "repeats": args.repeats, "samples": {}, "memory_bytes": {}, "load_ms": {}}
     cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16}
     for policy, kw in POLICIES.items():
@@ -198,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
                 rate = statistics.median(samples[case])
                 results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
                 results["samples"].setdefault(policy, {}).setdefault(case, {})[str(b)] = samples[case]
-                nb, fl = step_cost(case, b, kw, p_lin, p_head, delta_bytes, len(experts))
-                limit = b / max(nb / bw, fl / gflops)
+                nb, fl, dfl = step_cost(case, b, kw, p_lin, p_head, delta_bytes, len(experts))
+                delta_rate = gflops_int4 if kw["delta_cache"] == "int4" and gflops_int4 else gflops
+                t_compute = fl / gflops + dfl / delta_rate
+                limit = b / max(nb / bw, t_compute)
                 results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {
-                    "bytes_read": nb, "flops": fl, "limit_tokens_per_s": limit, "achieved": rate / limit,
-                    "regime": "memory" if nb / bw > fl / gflops else "compute"}
+                    "bytes_read": nb, "flops": fl + dfl, "delta_flops": dfl, "limit_tokens_per_s": limit,
+                    "achieved": rate / limit, "regime": "memory" if nb / bw > t_compute else "compute"}
                 print(f"[{policy}] {case:8s} batch {b:2d}: {rate:7.1f} tok/s (median of "
                       f"{', '.join(f'{x:.1f}' for x in samples[case])})", file=sys.stderr, flush=True)
         snap = engine.pool.snapshot()
@@ -245,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(r: dict) -> None:
     print(f"# engine decode throughput ({r['machine']}, {r['threads']} threads; measured fp32 matmul over the "
-          f"base's weights: {r['bandwidth_gb_s']:.1f} GB/s at batch 1, {r['gflops']:.1f} GFLOPS at batch 16)\n")
+          f"base's weights: {r['bandwidth_gb_s']:.1f} GB/s at batch 1, {r['gflops']:.1f} GFLOPS at batch 16; "
+          f"the int4 delta kernel: {r.get('gflops_int4') or float('nan'):.1f} GFLOPS at batch 16)\n")
     for policy, cases in r["tokens_per_s"].items():
         print(f"## policy `{policy}`: tokens/s (ratio to the base at the same batch; achieved fraction of the "
               f"bytes/FLOPs limit)\n")
