@@ -19,7 +19,7 @@ from meswitch.engine.segments import Segments
 from tests.test_delta_linear import encoded, gen, rel_close
 
 needs_int4 = pytest.mark.skipif(not int4.available(), reason="this PyTorch lacks the CPU int4 weight-only kernels")
-IN, OUTS = 128, (128, 64, 32)  # a q/k/v-like group; 128 input features suit the kernel's group sizes
+IN, OUTS = 320, (128, 64, 32)  # a q/k/v-like group; 320 input features: 5 of the kernel's groups of 64
 
 
 def group(bias: bool, resident: str | None = "int4", experts=(0, 1, 2), seed: int = 0):
@@ -48,8 +48,9 @@ def test_concat_is_the_parts_side_by_side_and_holds_the_codes_once():
     stacked, views = int4.concat(parts)
     assert torch.equal(stacked.mm(xb), torch.cat([p.mm(xb) for p in parts], 1))
     assert [tuple(v.packed.shape) for v in views] == [tuple(p.packed.shape) for p in parts]
-    for v in views:  # the parts now read their rows of the stacked codes: nothing is held twice
+    for v in views:  # the parts now read their rows of the stacked codes and scales: nothing is held twice
         assert v.packed.untyped_storage().data_ptr() == stacked.packed.untyped_storage().data_ptr()
+        assert v.sz.untyped_storage().data_ptr() == stacked.sz.untyped_storage().data_ptr()
         assert torch.equal(v.mm(xb), parts[views.index(v)].mm(xb))
     # a part that needs its activations scaled cannot join: one kernel call would not give its delta
     scaled = int4.Int4Delta(parts[0].packed, parts[0].group, parts[0].sz, parts[0].x_scale, OUTS[0], False)

@@ -61,8 +61,11 @@ class Int4Delta:
         """The bare kernel call: ``xb: bf16 [n, in]``, already scaled by ``x_scale`` -> bf16 ``[n, out]``.
 
         For callers that convert a step's rows once and reuse them across experts (unit-scale deltas).
+        The kernel reads ``sz`` as contiguous whatever its strides (a column view gives wrong numbers
+        silently), so a view into stacked scales (:func:`concat`) is copied for the call.
         """
-        return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.sz)
+        sz = self.sz if self.sz.is_contiguous() else self.sz.contiguous()
+        return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, sz)
 
 
 @functools.cache
@@ -82,20 +85,21 @@ def concat(parts: list[Int4Delta]) -> tuple[Int4Delta, list[Int4Delta]] | None:
 
     The kernel's layout interleaves the codes of :func:`row_block` output rows; parts whose rows
     fill whole blocks (all but the last) stack along ``out`` (``packed``, and ``sz`` along its
-    ``out`` dim) so that ``mm(xb) == cat([p.mm(xb) for p in parts], 1)``, bit for bit. Returns the stacked delta and the parts rebuilt over views of its ``packed``
-    (the memory is held once), or None unless every part is unit-scale with one group size.
+    ``out`` dim) so that ``mm(xb) == cat([p.mm(xb) for p in parts], 1)``, bit for bit. Returns the
+    stacked delta and the parts rebuilt over views of its ``packed`` and ``sz`` (held once), or None
+    unless every part is unit-scale with one group size.
     """
     if not parts or any(not p.unit_scale or p.group != parts[0].group for p in parts):
         return None
     if any(p.packed.shape[0] % row_block() for p in parts[:-1]):  # a block would straddle two parts
         return None
-    packed = torch.cat([p.packed for p in parts])
-    fused = Int4Delta(packed, parts[0].group, torch.cat([p.sz for p in parts], 1), parts[0].x_scale,
-                      packed.shape[0], True)
+    packed, sz = torch.cat([p.packed for p in parts]), torch.cat([p.sz for p in parts], 1)
+    fused = Int4Delta(packed, parts[0].group, sz, parts[0].x_scale, packed.shape[0], True)
     views, row = [], 0
     for p in parts:
-        views.append(replace(p, packed=packed[row : row + p.packed.shape[0]]))
-        row += p.packed.shape[0]
+        n = p.packed.shape[0]
+        views.append(replace(p, packed=packed[row : row + n], sz=sz[:, row : row + n]))
+        row += n
     return fused, views
 
 
