@@ -259,7 +259,7 @@ class ExpertNorm(nn.Module):
         self.weight = weight
         self.eps = eps
         self.deltas: dict[int, Tensor] = {}
-        self._table: tuple[tuple[tuple[int, int], ...], Tensor] | None = None
+        self._table: tuple[tuple[tuple[int, Tensor], ...], Tensor] | None = None
 
     def drop(self, idx: int) -> None:
         self.deltas.pop(idx, None)
@@ -267,8 +267,11 @@ class ExpertNorm(nn.Module):
     def table(self, min_rows: int = 0) -> Tensor:
         """``[R, D]`` in the weight's dtype, ``R >= min_rows``: row ``e + 1`` is ``w + dw_e`` (``w`` where
         expert ``e`` has no delta), row 0 is ``w`` (the base)."""
-        key = tuple((e, id(d)) for e, d in self.deltas.items())
-        if self._table is None or self._table[0] != key or self._table[1].shape[0] < min_rows:
+        key = tuple(self.deltas.items())  # compared by identity: the table holds them, so no id is reused
+        held = self._table[0] if self._table is not None else None
+        same = held is not None and len(held) == len(key) and all(
+            e == f and d is g for (e, d), (f, g) in zip(held, key, strict=True))
+        if not same or self._table[1].shape[0] < min_rows:  # type: ignore[index]
             w = self.weight.detach()
             table = w.float().expand(max(max(self.deltas, default=-1) + 2, min_rows), -1).clone()
             for e, d in self.deltas.items():
