@@ -24,7 +24,7 @@ calls; fewer calls is what brought a mixed batch closer to the base (docs/engine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,21 +127,17 @@ class ExpertLinear(nn.Module):
             sgmv_triton.add_salient(x, segments, present, y)
             present = {e: d for e, d in present.items() if not sgmv_triton.supports(d)}
         elif segments.is_sorted:  # the engine's steps: each expert's rows are one slice
-            xb = None
-            for e, s, t in segments:
-                fused = _unit_int4(present.get(e))
-                if fused is not None:
-                    xb = x.to(torch.bfloat16) if xb is None else xb  # once per step, shared by the experts
-                    y[s:t] += fused.mm(xb[s:t])
-                    del present[e]
+            left = _add_int4_rows(x, segments, lambda e: _unit_int4(present.get(e)), y)
+            present = {e: present[e] for e in left if e in present}
         if present:
             delta_matmul(x, _restrict(segments, present), present, y)
 
     def fused_with(self, e: int, mods: Sequence[ExpertLinear]) -> Int4Delta | None:
         """Expert ``e``'s int4 deltas of ``mods`` (this layer first, all reading one input) stacked along ``out``.
 
-        Built on first use and kept until the expert is dropped or any of its deltas is replaced;
-        the layers' own int4 forms become views of it, so the codes are held once. None unless
+        Built on first use and kept on this layer (so that dropping the expert here frees it) until
+        the expert is dropped or any of its deltas is replaced; the layers' own int4 forms become
+        views of it, so the codes are held once. None unless
         every layer holds a unit-scale int4 delta of ``e``.
         """
         parts = tuple(m.deltas.get(e) for m in mods)
@@ -215,15 +211,10 @@ class SharedInputLinears(nn.Module):
         y = F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
         if single is not None and (single < 0 or all(single not in m.deltas for m in layers)):
             return list(y.split(self.widths, 1))
-        rest: list[int] = []
-        xb = None
-        for e, s, t in segments:
-            stacked = layers[0].fused_with(e, layers) if e >= 0 and segments.is_sorted else None
-            if stacked is None:
-                rest.append(e)
-                continue
-            xb = x.to(torch.bfloat16) if xb is None else xb  # once per step, shared by the experts
-            y[s:t] += stacked.mm(xb[s:t])
+        if segments.is_sorted:
+            rest = _add_int4_rows(x, segments, lambda e: layers[0].fused_with(e, layers) if e >= 0 else None, y)
+        else:
+            rest = list(segments.experts)
         ys = list(y.split(self.widths, 1))
         if any(e >= 0 for e in rest):
             only = segments if len(rest) == len(segments) else Segments.from_ids(
@@ -231,6 +222,23 @@ class SharedInputLinears(nn.Module):
             for m, part in zip(layers, ys, strict=True):
                 m.add_deltas(x, only, part)
         return ys
+
+
+def _add_int4_rows(x: Tensor, segments: Segments, form: Callable[[int], Int4Delta | None], y: Tensor) -> list[int]:
+    """Sorted step: ``y[s:t] += form(e).mm(x[s:t] as bf16)`` for each segment whose expert has a form.
+
+    ``x: [T, in]``, ``y: [T, out]``; the rows are converted once, for every expert. Returns the
+    experts (``-1`` included) whose segments were left for another path.
+    """
+    xb, left = None, []
+    for e, s, t in segments:
+        fused = form(e)
+        if fused is None:
+            left.append(e)
+            continue
+        xb = x.to(torch.bfloat16) if xb is None else xb
+        y[s:t] += fused.mm(xb[s:t])
+    return left
 
 
 def _unit_int4(d: Delta | None) -> Int4Delta | None:
