@@ -329,7 +329,7 @@ def delta_matmul(
             continue
         ys = _lookup(deltas, e).matmul(xs[s:t]).to(y.dtype)  # [t - s, out]
         if segments.is_sorted:
-            y[s:t] += ys
+            y[s:t].add_(ys)
         else:
             y.index_add_(0, segments.rows(j).to(y.device), ys)
     return y

@@ -237,7 +237,7 @@ def _add_int4_rows(x: Tensor, segments: Segments, form: Callable[[int], Int4Delt
             left.append(e)
             continue
         xb = x.to(torch.bfloat16) if xb is None else xb
-        y[s:t] += fused.mm(xb[s:t])
+        y[s:t].add_(fused.mm(xb[s:t]))  # in place on the view: `y[s:t] += ...` would copy it back too
     return left
 
 
