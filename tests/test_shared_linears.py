@@ -157,3 +157,19 @@ def test_expert_norm_table_follows_replaced_and_dropped_deltas():
     torch.testing.assert_close(norm(x, segments, rows), want(d0b))
     norm.drop(0)  # dropped: the base weight for every row
     torch.testing.assert_close(norm(x, segments, rows), normed * weight)
+
+
+def test_serving_model_leaves_the_hugging_face_model_working():
+    """The stacked weights are views of the same values: the wrapped model computes what it did."""
+    from meswitch.engine.model import ServingModel
+    from tests.conftest import tiny_llama
+
+    hf = tiny_llama(seed=3)
+    ids = torch.randint(0, 128, (2, 7), generator=gen(7))
+    with torch.no_grad():
+        before = hf(ids).logits
+        served = ServingModel(hf)
+        after = hf(ids).logits
+    assert torch.equal(before, after)
+    layer = served.layers[0]
+    assert layer.q.base.weight.untyped_storage().data_ptr() == layer.qkv.weight.untyped_storage().data_ptr()

@@ -154,7 +154,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, batch: StepBatch, cache: KVCache,
 class ServingModel(nn.Module):
     """A Hugging Face Llama-family causal LM rewired for multi-expert, continuously batched decoding.
 
-    The Hugging Face modules' weights are shared, not copied. ``forward(ids: int64 [T], batch,
+    The Hugging Face modules' weights are shared, not copied: each layer's q/k/v and gate/up
+    parameters become views of one stacked tensor (:class:`SharedInputLinears`), same values, so
+    the Hugging Face model still runs as before. ``forward(ids: int64 [T], batch,
     cache) -> logits: float32 [S, V]`` for the last token of each sequence in ``batch``.
     """
 
