@@ -122,8 +122,11 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
     # Codes shifted so that q - 8 = c - ceil(m): the zero term stays small and bf16 does not cancel.
     shift = 8 - math.ceil(m)
     z = (math.ceil(m) - m) * s if zero is None else math.ceil(m) * s + zero.float()
-    q = torch.zeros(out, n, dtype=torch.int32)
-    q.index_copy_(1, rest_idx, codes.to(torch.int32).add_(shift))
+    if len(rest_idx) == n:  # no salient columns: the codes are every column, in order
+        q = codes.to(torch.int32).add_(shift)
+    else:
+        q = torch.zeros(out, n, dtype=torch.int32)
+        q.index_copy_(1, rest_idx, codes.to(torch.int32).add_(shift))
     x_scale = torch.zeros(n)
     x_scale[rest_idx] = col_scale.float() if col_scale is not None else 1.0
     sz = torch.stack([s, z], -1)[None].expand(n // g, out, 2).contiguous().to(torch.bfloat16)
