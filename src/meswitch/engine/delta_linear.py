@@ -173,7 +173,7 @@ class PackedDelta:
     @property
     def resident(self) -> Resident:
         """What is cached beside the packed codes: ``"dense"``, ``"codes"`` or None."""
-        if getattr(self, "_int4", None) is not None:
+        if self.int4 is not None:
             return "int4"
         return "dense" if "dense" in self._cache else "codes" if "codes" in self._cache else None
 
@@ -218,7 +218,7 @@ class PackedDelta:
         """Bytes held in memory: stored parts (as held, float32/int64) plus whatever is resident."""
         held = _nbytes(self.packed, self.scale, self.zero, self.salient_idx, self.salient_cols, self.rest_idx,
                        self.col_scale)
-        fused = getattr(self, "_int4", None)
+        fused = self.int4
         return held + _nbytes(*self._cache.values()) + (fused.nbytes() if fused is not None else 0)
 
     def to(self, device: torch.device | str) -> PackedDelta:
@@ -248,7 +248,7 @@ class PackedDelta:
         xf = x.float()
         if "dense" in self._cache:
             return xf @ self._cache["dense"].T
-        fused = getattr(self, "_int4", None)
+        fused = self.int4
         if fused is not None:
             y = fused.matmul(xf)
             if self.k:

@@ -24,7 +24,7 @@ calls; fewer calls is what brought a mixed batch closer to the base (docs/engine
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -142,7 +142,7 @@ class ExpertLinear(nn.Module):
         """
         parts = tuple(m.deltas.get(e) for m in mods)
         hit = self.fused.get(e)
-        if hit is not None and len(hit[0]) == len(parts) and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+        if hit is not None and _same_objects(hit[0], parts):
             return hit[1]
         forms = [_unit_int4(d) for d in parts]
         stacked = int4.concat(forms) if all(f is not None for f in forms) else None  # type: ignore[arg-type]
@@ -217,8 +217,7 @@ class SharedInputLinears(nn.Module):
             rest = list(segments.experts)
         ys = list(y.split(self.widths, 1))
         if any(e >= 0 for e in rest):
-            only = segments if len(rest) == len(segments) else Segments.from_ids(
-                [e if e in rest else -1 for e in segments.expert_ids])
+            only = _restrict(segments, rest)
             for m, part in zip(layers, ys, strict=True):
                 m.add_deltas(x, only, part)
         return ys
@@ -247,7 +246,15 @@ def _unit_int4(d: Delta | None) -> Int4Delta | None:
     return fused if fused is not None and fused.unit_scale and not d.k else None  # type: ignore[union-attr]
 
 
-def _restrict(segments: Segments, present: dict[int, Delta]) -> Segments:
+def _same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
+    """Whether ``a`` and ``b`` hold the very same objects in order (a cache built from ``a`` still holds for ``b``).
+
+    By identity, not by ``id()``: the cache keeps ``a`` alive, so no object of ``b`` can reuse an address.
+    """
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _restrict(segments: Segments, present: Container[int]) -> Segments:
     """``segments`` with rows of experts absent from ``present`` relabelled base-only (-1)."""
     if all(e < 0 or e in present for e in segments.experts):
         return segments
@@ -267,7 +274,7 @@ class ExpertNorm(nn.Module):
         self.weight = weight
         self.eps = eps
         self.deltas: dict[int, Tensor] = {}
-        self._table: tuple[tuple[tuple[int, Tensor], ...], Tensor] | None = None
+        self._table: tuple[tuple[tuple[int, ...], tuple[Tensor, ...]], Tensor] | None = None
 
     def drop(self, idx: int) -> None:
         self.deltas.pop(idx, None)
@@ -275,11 +282,9 @@ class ExpertNorm(nn.Module):
     def table(self, min_rows: int = 0) -> Tensor:
         """``[R, D]`` in the weight's dtype, ``R >= min_rows``: row ``e + 1`` is ``w + dw_e`` (``w`` where
         expert ``e`` has no delta), row 0 is ``w`` (the base)."""
-        key = tuple(self.deltas.items())  # compared by identity: the table holds them, so no id is reused
-        held = self._table[0] if self._table is not None else None
-        same = held is not None and len(held) == len(key) and all(
-            e == f and d is g for (e, d), (f, g) in zip(held, key, strict=True))
-        if not same or self._table[1].shape[0] < min_rows:  # type: ignore[index]
+        key = (tuple(self.deltas), tuple(self.deltas.values()))  # the table holds the tensors it was built from
+        held = self._table
+        if held is None or held[0][0] != key[0] or not _same_objects(held[0][1], key[1]) or held[1].shape[0] < min_rows:
             w = self.weight.detach()
             table = w.float().expand(max(max(self.deltas, default=-1) + 2, min_rows), -1).clone()
             for e, d in self.deltas.items():
