@@ -7,9 +7,10 @@ Cases (decode tokens/s, prefill excluded, batch sizes 1, 8, 16, every case in th
   (d) mixed16   16 experts (the 3 zoo experts stored under 16 names, each loaded separately)
   (e) swap      what users do today: one transformers model per expert, loaded from disk whenever
                 a request needs another expert (32 new tokens per request)
-under residency policies: ``default`` (EngineConfig's: fused int4 deltas in mixed batches, merged
-weights for up to 3 experts that have had the batch to themselves for 16 steps), ``no-merge`` and
-``exact`` (no merged weights, packed codes unpacked on every call: the reference path; mixed16 is
+under residency policies: ``default`` (EngineConfig's: low-bit deltas through the VNNI kernel in
+mixed batches, merged weights for up to 3 experts that have had the batch to themselves for 16
+steps), ``no-merge``, ``int4`` (the default with PyTorch's int4 kernel instead, the previous
+default: the same-run baseline for the low-bit kernel) and ``exact`` (no merged weights, packed codes unpacked on every call: the reference path; mixed16 is
 skipped for it, minutes per point). Also resident
 memory for 1, 3 and 16 experts against as many full models, the time to bring an expert in from
 disk, and per case the bytes of weights read and FLOPs per decode step, the limit they imply on
@@ -39,8 +40,9 @@ from _common import machine, results_dir  # noqa: E402
 BATCHES = (1, 8, 16)
 PROMPT = "Write a short story about a cat named Tom who learns to cook."
 POLICIES = {
-    "default": {"max_merged": 3, "delta_cache": "int4"},
-    "no-merge": {"max_merged": 0, "delta_cache": "int4"},
+    "default": {"max_merged": 3, "delta_cache": "lowbit"},
+    "no-merge": {"max_merged": 0, "delta_cache": "lowbit"},
+    "int4": {"max_merged": 3, "delta_cache": "int4"},
     "exact": {"max_merged": 0, "delta_cache": None},
 }
 WARMUP = 20  # decode steps before timing: loads, and merges after EngineConfig.merge_after solo steps
@@ -80,12 +82,13 @@ def decode_rate(engine, experts: list, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - t0)
 
 
-def machine_limits(model) -> tuple[float, float, float | None]:
+def machine_limits(model) -> tuple[float, float, dict[str, float]]:
     """(bytes/s, FLOP/s) of fp32 ``x @ W^T`` over every linear weight of ``model``, at batch 1 and 16,
-    and the FLOP/s of the int4 delta kernel over the same shapes at batch 16 (None without it)."""
+    and the FLOP/s of the delta kernels (``int4``, ``lowbit`` at 2 bits) over the same shapes at
+    batch 16 (those this machine has)."""
     import torch
 
-    from meswitch.engine import int4
+    from meswitch.engine import int4, lowbit_cpu
 
     ws = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     nbytes = sum(w.numel() * 4 for w in ws)
@@ -105,16 +108,27 @@ def machine_limits(model) -> tuple[float, float, float | None]:
         xs = {w.shape[1]: torch.randn(b, w.shape[1]) for w in ws}
         out.append(timed(lambda xs=xs: [xs[w.shape[1]] @ w.T for w in ws]))
     lin = [w for w in ws if int4.group_size(w.shape[1]) and w.shape[0] % 16 == 0 and w.shape[0] < 8192]  # no head
-    if not int4.available() or not lin:
-        return nbytes / out[0], flops * 16 / out[1], None
+    rates: dict[str, float] = {}
+    lin_flops = sum(2 * w.numel() for w in lin) * 16
     g = torch.Generator().manual_seed(0)
+    if lowbit_cpu.available() and lin:
+        low = [lowbit_cpu.build(torch.randint(0, 4, w.shape, dtype=torch.uint8, generator=g),
+                                torch.arange(w.shape[1]), torch.rand(w.shape[0], generator=g), None, 2,
+                                tuple(w.shape)) for w in lin]
+        xf = {w.shape[1]: torch.randn(16, w.shape[1]) for w in lin}
+        ys = {w.shape[0]: torch.zeros(16, w.shape[0]) for w in lin}
+        rates["lowbit"] = lin_flops / timed(lambda: [lowbit_cpu.sgmv(xf[w.shape[1]], ys[w.shape[0]], [(d, 0, 16)])
+                                                     for w, d in zip(lin, low, strict=True)])
+    if not int4.available() or not lin:
+        return nbytes / out[0], flops * 16 / out[1], rates
     packed = [(torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, w.shape, dtype=torch.int32, generator=g), 2),
                int4.group_size(w.shape[1]), torch.rand(w.shape[1] // int4.group_size(w.shape[1]), w.shape[0], 2,
                                                        generator=g).bfloat16()) for w in lin]
     xb = {w.shape[1]: torch.randn(16, w.shape[1]).bfloat16() for w in lin}
     t4 = timed(lambda: [torch._weight_int4pack_mm_for_cpu(xb[w.shape[1]], p, gs, sz)
                         for w, (p, gs, sz) in zip(lin, packed, strict=True)])
-    return nbytes / out[0], flops * 16 / out[1], sum(2 * w.numel() for w in lin) * 16 / t4
+    rates["int4"] = lin_flops / t4
+    return nbytes / out[0], flops * 16 / out[1], rates
 
 
 def swap_baseline(zoo_experts: dict[str, Path], tokenizer, requests: int, new_tokens: int) -> dict:
@@ -158,10 +172,11 @@ def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delt
 
     As ``ExpertLinear.forward`` does: a batch of one expert that has merged weights reads its own
     ``W_base + delta``; any other batch with expert rows reads the base once and adds each expert's
-    delta in its resident form (packed codes: ``delta_bytes``; int4: half a byte per weight) over
-    its rows, as a fused kernel would: the bound such a kernel could reach, not what unpacking with
-    torch ops costs. Merged weights are never read in a mixed batch. The delta FLOPs are counted
-    apart: the int4 kernel does them at its own rate (bf16 arithmetic), not fp32's.
+    delta in its resident form (packed codes and the low-bit layout: ``delta_bytes``, 3-bit codes
+    taking 4-bit slots aside; int4: half a byte per weight) over its rows, as a fused kernel would:
+    the bound such a kernel could reach, not what unpacking with torch ops costs. Merged weights are
+    never read in a mixed batch. The delta FLOPs are counted apart: the delta kernels do them at
+    their own rate (bf16 or int8 arithmetic), not fp32's.
     """
     nbytes, flops = 4 * p_head + 4 * p_lin, 2 * (p_head + p_lin) * batch  # the head, and one linear pass
     if case == "base" or (case == "one" and policy["max_merged"] > 0):
@@ -196,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     p_head = base.lm_head.weight.numel()
     p_lin = sum(m.weight.numel() for n, m in base.named_modules()
                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
-    bw, gflops, gflops_int4 = machine_limits(base)
+    bw, gflops, kernel_rates = machine_limits(base)
     names3 = src.experts
     delta_bytes = sum(src.total_bytes(n) for n in names3) / len(names3)
 
     results: dict = {"machine": machine(), "threads": args.threads, "steps": args.steps,
                      "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9,
-                     "gflops_int4": gflops_int4 / 1e9 if gflops_int4 else None, "tokens_per_s": {}, "limits": {},
+                     "gflops_int4": kernel_rates["int4"] / 1e9 if "int4" in kernel_rates else None,
+                     "gflops_lowbit": kernel_rates["lowbit"] / 1e9 if "lowbit" in kernel_rates else None,
+                     "tokens_per_s": {}, "limits": {},
                      "repeats": args.repeats, "samples": {}, "memory_bytes": {}, "load_ms": {}}
     cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16}
     for policy, kw in POLICIES.items():
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
                 results["samples"].setdefault(policy, {}).setdefault(case, {})[str(b)] = samples[case]
                 nb, fl, dfl = step_cost(case, b, kw, p_lin, p_head, delta_bytes, len(experts))
-                delta_rate = gflops_int4 if kw["delta_cache"] == "int4" and gflops_int4 else gflops
+                delta_rate = kernel_rates.get(kw["delta_cache"] or "", gflops)
                 t_compute = fl / gflops + dfl / delta_rate
                 limit = b / max(nb / bw, t_compute)
                 results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     full = 4 * p_all
     for n in (1, 3, 16):
         row = {"full_models": n * full}
-        for label, cache in (("packed", None), ("packed+int4", "int4")):
+        for label, cache in (("packed", None), ("packed+lowbit", "lowbit"), ("packed+int4", "int4")):
             eng = Engine(store16, base, tok, EngineConfig(max_batch=1, max_merged=0, delta_cache=cache),
                          check_base=False)
             for name in names16[:n]:
@@ -269,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 def report(r: dict) -> None:
     print(f"# engine decode throughput ({r['machine']}, {r['threads']} threads; measured fp32 matmul over the "
           f"base's weights: {r['bandwidth_gb_s']:.1f} GB/s at batch 1, {r['gflops']:.1f} GFLOPS at batch 16; "
-          f"the int4 delta kernel: {r.get('gflops_int4') or float('nan'):.1f} GFLOPS at batch 16)\n")
+          f"delta kernels at batch 16: int4 {r.get('gflops_int4') or float('nan'):.1f} GFLOPS, "
+          f"low-bit {r.get('gflops_lowbit') or float('nan'):.1f} GFLOPS)\n")
     for policy, cases in r["tokens_per_s"].items():
         print(f"## policy `{policy}`: tokens/s (ratio to the base at the same batch; achieved fraction of the "
               f"bytes/FLOPs limit)\n")
@@ -283,13 +301,13 @@ def report(r: dict) -> None:
                 cells.append(f"{rate:.1f} ({rate / base:.2f}x; {lim['achieved']:.0%} of {lim['regime']} limit)")
             print(f"| {case} | " + " | ".join(cells) + " |")
         print()
-    print("## resident memory: fp32 base + experts (packed codes; + the int4 cache of the default policy) "
-          "vs as many full fp32 models\n")
-    print("| experts | packed | ratio | packed + int4 | ratio | full models |\n|---|---|---|---|---|---|")
+    print("## resident memory: fp32 base + experts (packed codes; + the low-bit layout of the default policy; "
+          "+ the int4 cache) vs as many full fp32 models\n")
+    print("| experts | packed | ratio | packed + low-bit | ratio | packed + int4 | ratio | full models |\n"
+          "|---|---|---|---|---|---|---|---|")
     for n, m in r["memory_bytes"].items():
-        print(f"| {n} | {m['packed'] / 2**20:.0f} MiB | {m['full_models'] / m['packed']:.2f}x | "
-              f"{m['packed+int4'] / 2**20:.0f} MiB | {m['full_models'] / m['packed+int4']:.2f}x | "
-              f"{m['full_models'] / 2**20:.0f} MiB |")
+        cells = [f"{m[k] / 2**20:.0f} MiB | {m['full_models'] / m[k]:.2f}x" for k in ("packed", "packed+lowbit", "packed+int4")]
+        print(f"| {n} | " + " | ".join(cells) + f" | {m['full_models'] / 2**20:.0f} MiB |")
     loads = sorted(ms for v in r["load_ms"].values() for lst in v.values() for ms in lst)
     merges = sorted(ms for lst in r.get("merge_ms", {}).values() for ms in lst)
     if loads:
@@ -313,7 +331,7 @@ def plot(r: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(r["tokens_per_s"]), figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(r["tokens_per_s"]), figsize=(3.6 * len(r["tokens_per_s"]), 4), sharey=True)
     for ax, (policy, cases) in zip(axes, r["tokens_per_s"].items(), strict=True):
         for case, by_b in cases.items():
             ax.plot(BATCHES, [by_b[str(b)] for b in BATCHES], marker="o", label=case)

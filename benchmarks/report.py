@@ -161,19 +161,28 @@ def footprint_lines(summary: dict | None) -> list[str]:
             f"(ME-Switch paper: {PAPER_RATIO_3}x for three experts).", ""]
 
 
+def _cache_key(engine: dict) -> tuple[str, str]:
+    """The memory row key of the default policy's kernel cache, and its name (runs before the low-bit kernel: int4)."""
+    rows = engine["memory_bytes"].values()
+    if rows and all("packed+lowbit" in m for m in rows):
+        return "packed+lowbit", "low-bit kernel layout"
+    return "packed+int4", "int4 cache"
+
+
 def memory_section(engine: dict | None, summary: dict | None, bits: float | None) -> list[str]:
     out = ["## Memory: experts against resident bytes", ""]
     out += footprint_lines(summary)
     if engine:
         rows = []
+        key, name = _cache_key(engine)
         for n, m in engine["memory_bytes"].items():
             rows.append([n, f"{m['full_models'] / 2**20:.0f} MiB", f"{m['packed'] / 2**20:.0f} MiB",
-                         f"{m['full_models'] / m['packed']:.2f}x", f"{m['packed+int4'] / 2**20:.0f} MiB",
-                         f"{m['full_models'] / m['packed+int4']:.2f}x"])
+                         f"{m['full_models'] / m['packed']:.2f}x", f"{m[key] / 2**20:.0f} MiB",
+                         f"{m['full_models'] / m[key]:.2f}x"])
         out += ["Measured resident memory of the engine on this machine (fp32 base, as served on CPU): "
-                "packed codes, and packed codes plus the int4 cache the default policy keeps for fast mixed "
+                f"packed codes, and packed codes plus the {name} the default policy keeps for fast mixed "
                 "batches.", "",
-                md_table(["experts", "full models", "meswitch packed", "ratio", "packed + int4 cache", "ratio"], rows),
+                md_table(["experts", "full models", "meswitch packed", "ratio", f"packed + {name}", "ratio"], rows),
                 ""]
     else:
         out += ["Engine memory not measured: `python benchmarks/engine.py`.", ""]
@@ -411,8 +420,9 @@ def plot_memory(engine: dict | None, bits: float, path: Path) -> None:
         ax = axes[0][0]
         mem = engine["memory_bytes"]
         ns = sorted(int(n) for n in mem)
+        cache, name = _cache_key(engine)
         for key, label in (("full_models", "full models"), ("packed", "meswitch (packed)"),
-                           ("packed+int4", "meswitch (packed + int4 cache)")):
+                           (cache, f"meswitch (packed + {name})")):
             ax.plot(ns, [mem[str(n)][key] / 2**20 for n in ns], marker="o", label=label)
         if 3 in ns:
             ax.plot([3], [mem["3"]["full_models"] / PAPER_RATIO_3 / 2**20], "k*", ms=12,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meswitch.compress.apply import apply_delta
-from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
+from meswitch.engine import Engine, EngineConfig, Request, SamplingParams, lowbit_cpu
 from meswitch.engine.errors import (
     BudgetError,
     ContextLengthError,
@@ -17,6 +17,7 @@ from meswitch.engine.errors import (
     RoutingUnavailableError,
     UnknownModelError,
 )
+from meswitch.engine.layers import ExpertLinear
 from meswitch.engine.model import SeqSlice, StepBatch
 from meswitch.store import DeltaStore
 from meswitch.store.errors import BaseMismatchError
@@ -92,21 +93,27 @@ def test_lossless_deltas_reproduce_each_expert_in_a_mixed_batch(models, lossless
 def test_quantized_deltas_match_transformers_model_with_dequantized_weights(models, quantized, smollm_tokenizer):
     base, experts = models
     exact = _engine(quantized, base, smollm_tokenizer, delta_cache=None)  # codes unpacked: the exact path
-    fused = _engine(quantized, base, smollm_tokenizer, delta_cache="int4")  # the default: bf16 in the delta term
+    fused = _engine(quantized, base, smollm_tokenizer, delta_cache="int4")  # bf16 in the delta term
+    low = _engine(quantized, base, smollm_tokenizer)  # the default, "lowbit": int8 activations in the delta term
     g = torch.Generator().manual_seed(1)
     seqs = {n: torch.randint(0, 49152, (10,), generator=g).tolist() for n in ["b", "a"]}
     got, approx = _teacher_forced_logits(exact, seqs, prefill=4), _teacher_forced_logits(fused, seqs, prefill=4)
+    approx_low = _teacher_forced_logits(low, seqs, prefill=4)
+    forms = {d.resident for m in low.model.modules() if isinstance(m, ExpertLinear) for d in m.deltas.values()}
+    assert forms == ({"lowbit"} if lowbit_cpu.available() else {"int4"})
     for name, ids in seqs.items():
         layers, entry = quantized.load_expert(name)
         want = _hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
         torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0)
         torch.testing.assert_close(approx[name], want, atol=2e-2, rtol=0)
+        torch.testing.assert_close(approx_low[name], want, atol=2e-2, rtol=0)
         # and the quantized expert is not simply the fine-tune itself
         assert (got[name] - _hf_logits(experts[name], ids, 4)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kw", [{}, {"max_merged": 0}, {"max_merged": 0, "delta_cache": "dense"},
-                                {"max_merged": 1, "delta_cache": "int4"}, {"max_batch": 2}])
+                                {"max_merged": 1, "delta_cache": "int4"}, {"max_merged": 0, "delta_cache": "int4"},
+                                {"max_batch": 2}])
 def test_mixed_batch_greedy_equals_each_request_alone(models, quantized, smollm_tokenizer, kw):
     base, _ = models
     eng = _engine(quantized, base, smollm_tokenizer, **kw)

@@ -1,7 +1,7 @@
-"""Layers that read one input (q/k/v, gate/up) run as one: stacked base weights, stacked int4 deltas.
+"""Layers that read one input (q/k/v, gate/up) run as one: stacked base weights, stacked fused deltas.
 
 What must hold: the group gives the numbers each layer gives alone (the same kernel on the same
-rows, so the int4 path matches bit for bit up to float32 summation order), the base is held once,
+rows, so the int4 and low-bit paths match up to float32 summation order), the base is held once,
 and a stacked delta follows its experts when they are dropped or replaced.
 """
 
@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from meswitch.compress.codec import decode_delta
-from meswitch.engine import int4
+from meswitch.engine import int4, lowbit_cpu
 from meswitch.engine.delta_linear import PackedDelta
 from meswitch.engine.layers import ExpertLinear, ExpertNorm, SharedInputLinears
 from meswitch.engine.segments import Segments
 from tests.test_delta_linear import encoded, gen, rel_close
 
 needs_int4 = pytest.mark.skipif(not int4.available(), reason="this PyTorch lacks the CPU int4 weight-only kernels")
+FUSED = [pytest.param("int4", marks=needs_int4),
+         pytest.param("lowbit", marks=pytest.mark.skipif(not lowbit_cpu.available(), reason="no low-bit CPU kernel"))]
 IN, OUTS = 320, (128, 64, 32)  # a q/k/v-like group; 320 input features: 5 of the kernel's groups of 64
 
 
@@ -43,7 +45,7 @@ def one_by_one(mods, x, segments):
 @needs_int4
 def test_concat_is_the_parts_side_by_side_and_holds_the_codes_once():
     _, mods, _ = group(bias=False)
-    parts = [m.deltas[1].int4 for m in mods]
+    parts = [m.deltas[1].fused for m in mods]
     xb = torch.randn(5, IN, generator=gen(1)).bfloat16()
     stacked, views = int4.concat(parts)
     assert torch.equal(stacked.mm(xb), torch.cat([p.mm(xb) for p in parts], 1))
@@ -62,7 +64,7 @@ def test_concat_is_the_parts_side_by_side_and_holds_the_codes_once():
         assert int4.concat([parts[1], parts[2]]) is not None
 
 
-@needs_int4
+@pytest.mark.parametrize("resident", FUSED)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ids", [
     [-1, -1, 0, 0, 0, 1, 2, 2],  # sorted mixed step: stacked int4 deltas
@@ -70,8 +72,8 @@ def test_concat_is_the_parts_side_by_side_and_holds_the_codes_once():
     [-1, -1, -1],  # base only: one stacked matmul
     [1, 1, 1],  # one expert, not merged: stacked base plus its deltas
 ], ids=["sorted", "unsorted", "base", "one-expert"])
-def test_group_equals_each_layer_alone(bias, ids):
-    bases, mods, dense = group(bias)
+def test_group_equals_each_layer_alone(bias, ids, resident):
+    bases, mods, dense = group(bias, resident)
     x = torch.randn(len(ids), IN, generator=gen(2))
     segments = Segments.from_ids(ids)
     want = one_by_one(mods, x, segments)  # before stacking: the layers' own weights
@@ -80,7 +82,7 @@ def test_group_equals_each_layer_alone(bias, ids):
     for j, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.shape == (len(ids), OUTS[j])
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-        # and against the obvious formula, to bf16 precision of the int4 kernel's delta term
+        # and against the obvious formula, to the precision of the kernel's delta term (bf16 or int8 activations)
         ref = torch.stack([x[i] @ (bases[j].weight + (dense[j, e] if e >= 0 else 0)).T for i, e in enumerate(ids)])
         if bias:
             ref = ref + bases[j].bias
@@ -106,9 +108,9 @@ def test_group_holds_the_base_once_and_steps_aside_when_a_weight_is_replaced():
     assert not torch.allclose(got[1], x @ before[1].T + bases[1].bias, atol=1e-3)
 
 
-@needs_int4
-def test_stacked_delta_follows_its_experts():
-    _, mods, _ = group(bias=False)
+@pytest.mark.parametrize("resident", FUSED)
+def test_stacked_delta_follows_its_experts(resident):
+    _, mods, _ = group(bias=False, resident=resident)
     shared = SharedInputLinears(mods)
     ids = [0, 1, 1, 2]
     x = torch.randn(len(ids), IN, generator=gen(4))
@@ -117,8 +119,9 @@ def test_stacked_delta_follows_its_experts():
     assert set(mods[0].fused) == {0, 1, 2}
     # expert 1 reloaded with another delta in one layer: the stacked form is rebuilt from it
     fields, meta = encoded(("rtn", 3, 0, True), seed=77, out=OUTS[2], n=IN)
-    mods[2].deltas[1] = PackedDelta.from_fields(fields, meta, resident="int4")
+    mods[2].deltas[1] = PackedDelta.from_fields(fields, meta, resident=resident)
     got = shared(x, segments)
+    assert mods[2].deltas[1].resident == resident
     torch.testing.assert_close(got[2], one_by_one(mods, x, segments)[2], rtol=1e-5, atol=1e-5)
     # dropped: the stacked codes go with it
     for m in mods:

@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meswitch.compress.pack import check_bits, packed_cols, unpack
+from meswitch.compress.pack import check_bits, pack, packed_cols, unpack
 from meswitch.compress.quant import dequantize, sign2d_dequantize
 from meswitch.engine.segments import Segments
 from meswitch.errors import MeswitchError
 
-Resident = Literal["codes", "dense", "int4"] | None
-RESIDENCY: tuple[Resident, ...] = (None, "codes", "dense", "int4")
+Resident = Literal["codes", "dense", "int4", "lowbit"] | None
+RESIDENCY: tuple[Resident, ...] = (None, "codes", "dense", "int4", "lowbit")
 MODES = ("reference", "segment-dense", "segment-structured", "merged")
 # What each mode keeps resident per expert, beside the packed codes (see MultiExpertLinear).
 MODE_RESIDENT: dict[str, Resident] = {
@@ -160,26 +160,44 @@ class PackedDelta:
         return self.salient_idx.shape[0]
 
     @property
-    def int4(self) -> Any:
-        """The fused CPU kernel's form (:class:`~meswitch.engine.int4.Int4Delta`) when resident, else None."""
-        return getattr(self, "_int4", None)
+    def fused(self) -> Any:
+        """A fused CPU kernel's form when resident, else None: :class:`~meswitch.engine.lowbit_cpu.LowbitDelta`
+        or :class:`~meswitch.engine.int4.Int4Delta` (both have ``matmul``, ``nbytes``, ``unit_scale``)."""
+        return getattr(self, "_fused", None)
 
-    def use_int4(self, fused: Any) -> None:
-        """Hold ``fused`` (the same codes, e.g. a view into layers stacked by :func:`~meswitch.engine.int4.concat`)."""
-        if self.int4 is None:
-            raise ValueError("no int4 form is resident to replace")
-        object.__setattr__(self, "_int4", fused)
+    def use_fused(self, fused: Any) -> None:
+        """Hold ``fused`` (the same codes, e.g. a view into layers stacked by ``concat``) as the fused form."""
+        if self.fused is None:
+            raise ValueError("no fused form is resident to replace")
+        object.__setattr__(self, "_fused", fused)
 
     @property
     def resident(self) -> Resident:
-        """What is cached beside the packed codes: ``"dense"``, ``"codes"`` or None."""
-        if self.int4 is not None:
-            return "int4"
+        """What is cached beside the packed codes: ``"lowbit"``, ``"int4"``, ``"dense"``, ``"codes"`` or None."""
+        if self.fused is not None:
+            from meswitch.engine.lowbit_cpu import LowbitDelta
+
+            return "lowbit" if isinstance(self.fused, LowbitDelta) else "int4"
         return "dense" if "dense" in self._cache else "codes" if "codes" in self._cache else None
+
+    @property
+    def codes_in_fused(self) -> bool:
+        """Whether the codes are held only in the low-bit kernel's layout (``packed`` released, see :meth:`set_resident`)."""
+        return getattr(self, "_codes_in_fused", False)
 
     def codes(self) -> Tensor:
         """Unpacked codes of the quantized columns: ``uint8 [out, in - k]``."""
+        if self.codes_in_fused:
+            from meswitch.engine.lowbit_cpu import unlayout
+
+            fused = self.fused
+            full = unlayout(fused.packed, fused.bits, *self.shape)
+            return full.index_select(1, self.rest_idx) if self.k else full
         return unpack(self.packed, self.bits, self.shape[1] - self.k)
+
+    def stored_codes(self) -> Tensor:
+        """The codes as stored: ``uint8 [out, packed_cols(in - k, bits)]`` (repacked if only the kernel layout holds them)."""
+        return pack(self.codes(), self.bits) if self.codes_in_fused else self.packed
 
     def dense(self) -> Tensor:
         """The dense delta ``float32 [out, in]``, the same numbers as ``decode_delta`` (cached one if resident)."""
@@ -196,35 +214,54 @@ class PackedDelta:
         return full.index_copy_(1, self.salient_idx, self.salient_cols)
 
     def set_resident(self, what: Resident) -> PackedDelta:
-        """Cache ``"codes"`` (float32 ``[out, in - k]``), ``"dense"`` (``[out, in]``) or nothing; returns self."""
+        """Cache ``"codes"`` (float32 ``[out, in - k]``), ``"dense"`` (``[out, in]``), a fused CPU
+        kernel's form or nothing; returns self.
+
+        ``"lowbit"``: the low-bit VNNI kernel's layout (:mod:`~meswitch.engine.lowbit_cpu`), which then
+        holds the codes alone (``packed`` is released and :meth:`codes` reads the layout: the same
+        codes, in 4-bit slots for 3-bit ones), else (column-scaled sign2d deltas, no such kernel on
+        this machine) the int4 form. ``"int4"``: PyTorch's int4 layout (:mod:`~meswitch.engine.int4`).
+        Shapes neither kernel takes keep the exact path.
+        """
         if what not in RESIDENCY:
             raise ValueError(f"resident must be one of {RESIDENCY}, got {what!r}")
+        if self.codes_in_fused:  # the layout is about to go: the stored codes come back first
+            object.__setattr__(self, "packed", self.stored_codes())
+            object.__setattr__(self, "_codes_in_fused", False)
         self._cache.clear()
-        object.__setattr__(self, "_int4", None)
+        object.__setattr__(self, "_fused", None)
         if what == "codes":
             self._cache["codes"] = self.codes().float()
         elif what == "dense":
             self._cache["dense"] = self.dense()
-        elif what == "int4":
-            from meswitch.engine import int4
+        elif what in ("int4", "lowbit"):
+            from meswitch.engine import int4, lowbit_cpu
 
-            fused = int4.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape,
-                               self.col_scale)
-            if fused is not None:  # else: shapes the kernel cannot take keep the exact path
-                object.__setattr__(self, "_int4", fused)
+            fused = None
+            if what == "lowbit" and self.col_scale is None:
+                fused = lowbit_cpu.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape)
+                if fused is not None:
+                    object.__setattr__(self, "_fused", fused)
+                    object.__setattr__(self, "_codes_in_fused", True)
+                    object.__setattr__(self, "packed", self.packed.new_empty(self.shape[0], 0))
+                    return self
+            if fused is None:
+                fused = int4.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape,
+                                   self.col_scale)
+            object.__setattr__(self, "_fused", fused)
         return self
 
     def nbytes(self) -> int:
         """Bytes held in memory: stored parts (as held, float32/int64) plus whatever is resident."""
         held = _nbytes(self.packed, self.scale, self.zero, self.salient_idx, self.salient_cols, self.rest_idx,
                        self.col_scale)
-        fused = self.int4
+        fused = self.fused
         return held + _nbytes(*self._cache.values()) + (fused.nbytes() if fused is not None else 0)
 
     def to(self, device: torch.device | str) -> PackedDelta:
         """A copy on ``device`` with the same residency."""
         moved = PackedDelta(
-            self.packed.to(device),
+            self.stored_codes().to(device),
             self.scale.to(device),
             None if self.zero is None else self.zero.to(device),
             self.salient_idx.to(device),
@@ -248,7 +285,7 @@ class PackedDelta:
         xf = x.float()
         if "dense" in self._cache:
             return xf @ self._cache["dense"].T
-        fused = self.int4
+        fused = self.fused
         if fused is not None:
             y = fused.matmul(xf)
             if self.k:

@@ -44,8 +44,11 @@ class EngineConfig:
     used out first. ``max_merged``: experts that may also keep merged ``W_base + delta`` weights (a
     full copy of the linear weights each), given to an expert once it has had the batch to itself for
     ``merge_after`` consecutive steps; they make such batches run at the base's speed. ``delta_cache``:
-    what resident experts keep beside the packed codes for mixed batches (``"int4"``: the fused CPU
-    kernel's layout, half a byte per weight; ``"dense"``; ``"codes"``; None: unpack on every call).
+    how resident experts hold their codes for mixed batches (``"lowbit"``: the layout of meswitch's
+    VNNI CPU kernel, which then holds the codes alone, ``bits / 8`` bytes per weight, 3-bit codes in
+    4-bit slots; ``"int4"``: beside the packed codes, PyTorch's int4 kernel layout, half a byte per
+    weight; ``"dense"``; ``"codes"``; None: unpack on every call). ``"lowbit"`` falls back to
+    ``"int4"`` where the kernel cannot be built (no compiler, no AVX512-VNNI: ``lowbit_cpu.unavailable_reason()``).
     Measurements behind these defaults: docs/engine.md.
     """
 
@@ -56,7 +59,7 @@ class EngineConfig:
     max_resident_bytes: int | None = None
     max_merged: int = 3
     merge_after: int = 16
-    delta_cache: Resident = "int4"
+    delta_cache: Resident = "lowbit"
     verify: bool = True
 
 

@@ -13,12 +13,14 @@ as ``base(x) + delta.matmul(x)`` per expert segment from the packed delta
 row belongs to one expert that has it, one matmul with a cached merged weight ``W_base + delta_e``.
 On CUDA with Triton, a mixed batch's packed deltas go through one kernel launch per layer that reads
 the stored codes directly (:mod:`~meswitch.engine.sgmv_triton`); other deltas keep the PyTorch path.
-On CPU, a sorted step converts its rows to bf16 once per layer and adds each expert's int4 delta
-(:mod:`~meswitch.engine.int4`) to its slice of rows.
+On CPU, a sorted step gives every expert's low-bit delta its slice of rows in one call of the
+VNNI kernel (:mod:`~meswitch.engine.lowbit_cpu`); int4 deltas (:mod:`~meswitch.engine.int4`, where
+that kernel is unavailable or a delta has salient columns) take one call per expert on the rows
+converted to bf16 once per layer.
 
 :class:`SharedInputLinears` runs layers that read one input (q/k/v, gate/up) as one: a stacked
-base weight (the layers' parameters become views of it) and, per expert, one int4 kernel call over
-the stacked deltas. A decode step on this project's 2-core CPU is made of a few hundred small
+base weight (the layers' parameters become views of it) and each expert's deltas stacked, so that
+the group's deltas take one kernel call. A decode step on this project's 2-core CPU is made of a few hundred small
 calls; fewer calls is what brought a mixed batch closer to the base (docs/engine.md).
 """
 
@@ -32,10 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meswitch.engine import int4, sgmv_triton
+from meswitch.engine import int4, lowbit_cpu, sgmv_triton
 from meswitch.engine.delta_linear import delta_matmul
 from meswitch.engine.int4 import Int4Delta
+from meswitch.engine.lowbit_cpu import LowbitDelta
 from meswitch.engine.segments import Segments
+
+Fused = Int4Delta | LowbitDelta  # a delta's form for a fused CPU kernel
 
 
 class Delta(Protocol):
@@ -80,8 +85,8 @@ class ExpertLinear(nn.Module):
         self.deltas: dict[int, Delta] = {}
         self.merged: dict[int, Tensor] = {}
         self._table: sgmv_triton.ExpertTable | None = None  # the kernel's view of self.deltas
-        # expert -> (the deltas it was built from, int4 deltas of the layers sharing this input, stacked)
-        self.fused: dict[int, tuple[tuple[Delta | None, ...], Int4Delta | None]] = {}
+        # expert -> (the deltas it was built from, fused forms of the layers sharing this input, stacked)
+        self.fused: dict[int, tuple[tuple[Delta | None, ...], Fused | None]] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,30 +132,34 @@ class ExpertLinear(nn.Module):
             sgmv_triton.add_salient(x, segments, present, y)
             present = {e: d for e, d in present.items() if not sgmv_triton.supports(d)}
         elif segments.is_sorted:  # the engine's steps: each expert's rows are one slice
-            left = _add_int4_rows(x, segments, lambda e: _unit_int4(present.get(e)), y)
+            left = _add_fused_rows(x, segments, lambda e: _unit_fused(present.get(e)), y)
             present = {e: present[e] for e in left if e in present}
         if present:
             delta_matmul(x, _restrict(segments, present), present, y)
 
-    def fused_with(self, e: int, mods: Sequence[ExpertLinear]) -> Int4Delta | None:
-        """Expert ``e``'s int4 deltas of ``mods`` (this layer first, all reading one input) stacked along ``out``.
+    def fused_with(self, e: int, mods: Sequence[ExpertLinear]) -> Fused | None:
+        """Expert ``e``'s fused deltas of ``mods`` (this layer first, all reading one input) stacked along ``out``.
 
         Built on first use and kept on this layer (so that dropping the expert here frees it) until
-        the expert is dropped or any of its deltas is replaced; the layers' own int4 forms become
-        views of it, so the codes are held once. None unless
-        every layer holds a unit-scale int4 delta of ``e``.
+        the expert is dropped or any of its deltas is replaced; the layers' own fused forms become
+        views of it, so the codes are held once. None unless every layer holds a unit-scale fused
+        delta of ``e``, all of one kind.
         """
         parts = tuple(m.deltas.get(e) for m in mods)
         hit = self.fused.get(e)
         if hit is not None and _same_objects(hit[0], parts):
             return hit[1]
-        forms = [_unit_int4(d) for d in parts]
-        stacked = int4.concat(forms) if all(f is not None for f in forms) else None  # type: ignore[arg-type]
+        forms = [_unit_fused(d) for d in parts]
+        stacked: tuple[Fused, Sequence[Fused]] | None = None
+        if all(isinstance(f, LowbitDelta) for f in forms):
+            stacked = lowbit_cpu.concat(forms)  # type: ignore[arg-type]
+        elif all(isinstance(f, Int4Delta) for f in forms):
+            stacked = int4.concat(forms)  # type: ignore[arg-type]
         if stacked is None:
             self.fused[e] = (parts, None)
             return None
         for d, view in zip(parts, stacked[1], strict=True):
-            d.use_int4(view)  # type: ignore[union-attr]
+            d.use_fused(view)  # type: ignore[union-attr]
         self.fused[e] = (parts, stacked[0])
         return stacked[0]
 
@@ -167,8 +176,9 @@ class SharedInputLinears(nn.Module):
 
     The layers' base weights (and biases) are stacked into one ``[sum out, in]`` tensor and the
     layers' own parameters become views of it, so the base is held once and a step makes one base
-    matmul for the group. On a sorted CPU step each expert's int4 deltas of all the layers run as
-    one kernel call (:meth:`ExpertLinear.fused_with`) added to the stacked output. Batches of one
+    matmul for the group. On a sorted CPU step each expert's fused deltas of all the layers are
+    stacked (:meth:`ExpertLinear.fused_with`), and added to the stacked output by one kernel call
+    (low-bit forms: one for all experts) or one per expert (int4 forms). Batches of one
     merged expert, CUDA steps and weights that were moved or replaced since take the layers one by one.
     """
 
@@ -212,7 +222,7 @@ class SharedInputLinears(nn.Module):
         if single is not None and (single < 0 or all(single not in m.deltas for m in layers)):
             return list(y.split(self.widths, 1))
         if segments.is_sorted:
-            rest = _add_int4_rows(x, segments, lambda e: layers[0].fused_with(e, layers) if e >= 0 else None, y)
+            rest = _add_fused_rows(x, segments, lambda e: layers[0].fused_with(e, layers) if e >= 0 else None, y)
         else:
             rest = list(segments.experts)
         ys = list(y.split(self.widths, 1))
@@ -223,26 +233,36 @@ class SharedInputLinears(nn.Module):
         return ys
 
 
-def _add_int4_rows(x: Tensor, segments: Segments, form: Callable[[int], Int4Delta | None], y: Tensor) -> list[int]:
-    """Sorted step: ``y[s:t] += form(e).mm(x[s:t] as bf16)`` for each segment whose expert has a form.
+def _add_fused_rows(x: Tensor, segments: Segments, form: Callable[[int], Fused | None], y: Tensor) -> list[int]:
+    """Sorted step: ``y[s:t] += x[s:t] @ form(e)^T`` for each segment whose expert has a fused form.
 
-    ``x: [T, in]``, ``y: [T, out]``; the rows are converted once, for every expert. Returns the
+    ``x: [T, in]``, ``y: [T, out]``. Low-bit forms go through one kernel call for all their
+    segments; int4 forms through one call each on the rows converted to bf16 once. Returns the
     experts (``-1`` included) whose segments were left for another path.
     """
-    xb, left = None, []
+    xb, left, low = None, [], []
     for e, s, t in segments:
         fused = form(e)
         if fused is None:
             left.append(e)
-            continue
-        xb = x.to(torch.bfloat16) if xb is None else xb
-        y[s:t].add_(fused.mm(xb[s:t]))  # in place on the view: `y[s:t] += ...` would copy it back too
+        elif isinstance(fused, LowbitDelta):
+            low.append((fused, s, t))
+        else:
+            xb = x.to(torch.bfloat16) if xb is None else xb
+            y[s:t].add_(fused.mm(xb[s:t]))  # in place on the view: `y[s:t] += ...` would copy it back too
+    if low:
+        if y.dtype == torch.float32 and y.stride(1) == 1:
+            lowbit_cpu.sgmv(x, y, low)
+        else:
+            acc = torch.zeros(y.shape, dtype=torch.float32)
+            lowbit_cpu.sgmv(x, acc, low)
+            y.add_(acc.to(y.dtype))
     return left
 
 
-def _unit_int4(d: Delta | None) -> Int4Delta | None:
-    """``d``'s int4 form when one kernel call gives its whole delta (no salient columns, no column scales)."""
-    fused = getattr(d, "int4", None)
+def _unit_fused(d: Delta | None) -> Fused | None:
+    """``d``'s fused form when one kernel call gives its whole delta (no salient columns, no column scales)."""
+    fused = getattr(d, "fused", None)
     return fused if fused is not None and fused.unit_scale and not d.k else None  # type: ignore[union-attr]
 
 

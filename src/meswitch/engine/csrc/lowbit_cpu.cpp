@@ -1,0 +1,184 @@
+// Low-bit delta SGMV for x86 CPUs with AVX512-VNNI: y[s:t] += x[s:t] @ delta_e^T for each segment.
+//
+// Weights (meswitch/engine/lowbit_cpu.py builds them): the codes of one delta, unsigned, in
+// tiles of 16 output rows x 4 input columns (64 bytes, byte 4 * o + j = code[o][4 * q + j]: the
+// operand layout of vpdpbusd), with P = 8 / bits consecutive tiles sharing one 64-byte chunk,
+// tile p in bits [bits * p, bits * (p + 1)) of each byte. Shape uint8 [NB, Kp / (4 * P), 64]
+// for NB = ceil(out / 16) output blocks and Kp = in rounded up to G.
+//
+// Activations are quantized to int8 per row and per group of G = 64 input columns (absmax / 127);
+// each group's int32 dot products are scaled into float accumulators. With s_o the step size and
+// z_o the zero term of output o:
+//
+//   y[r][o] += s_o * sum_g xs[r][g] * (sum_{k in g} c[o][k] * xq[r][k]) + z_o * sum_k xs[r][k / G] * xq[r][k]
+//
+// which is x_hat @ ((c - m) * s)^T (z_o = -m * s_o) or x_hat @ (c * s + zero)^T (z_o = zero_o),
+// x_hat the dequantized activations: exact up to float32 rounding given x_hat.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int G = 64;   // input columns per activation scale
+constexpr int MR = 8;   // rows per register tile
+
+struct Rows {
+  const int8_t* xq;  // [T, Kp]
+  const float* xs;   // [T, Kp / G]
+  const float* xsum; // [T]
+  int64_t kp;
+};
+
+// acc[r] (16 outputs) = sum over the block's K of codes * x_hat for rows r0 .. r0 + NR.
+template <int BITS, int NR>
+inline void tile(const uint8_t* w, const Rows& x, int64_t r0, __m512* acc) {
+  constexpr int P = 8 / BITS;
+  constexpr int CHUNKS = G / (4 * P);  // 64-byte chunks per activation group
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const int64_t groups = x.kp / G;
+  for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i ai[NR];
+    for (int r = 0; r < NR; ++r) ai[r] = _mm512_setzero_si512();
+    const int8_t* xg = x.xq + r0 * x.kp + g * G;
+    #pragma GCC unroll 16
+    for (int c = 0; c < CHUNKS; ++c) {
+      const __m512i v = _mm512_loadu_si512(w + (g * CHUNKS + c) * 64);
+      #pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        // 16-bit shifts carry the next byte's low bits into each byte's top: every plane is masked
+        const __m512i wp = _mm512_and_si512(p == 0 ? v : _mm512_srli_epi16(v, BITS * p), mask);
+        const int q = (c * P + p) * 4;  // activation column of this tile, within the group
+        #pragma GCC unroll 8
+        for (int r = 0; r < NR; ++r) {
+          const int32_t xv = *reinterpret_cast<const int32_t*>(xg + r * x.kp + q);
+          ai[r] = _mm512_dpbusd_epi32(ai[r], wp, _mm512_set1_epi32(xv));
+        }
+      }
+    }
+    #pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r]), _mm512_set1_ps(x.xs[(r0 + r) * (x.kp / G) + g]), acc[r]);
+  }
+}
+
+template <int BITS>
+void rows_block(const uint8_t* w, const Rows& x, int64_t r0, int64_t r1, const float* s, const float* z,
+                int64_t o, int64_t out, float* y, int64_t ldy) {
+  const __mmask16 m = out - o >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (out - o)) - 1);
+  const __m512 sv = _mm512_maskz_loadu_ps(m, s + o), zv = _mm512_maskz_loadu_ps(m, z + o);
+  __m512 acc[MR];
+  for (int64_t r = r0; r < r1; r += MR) {
+    const int64_t n = std::min<int64_t>(MR, r1 - r);
+    switch (n) {
+      case 1: tile<BITS, 1>(w, x, r, acc); break;
+      case 2: tile<BITS, 2>(w, x, r, acc); break;
+      case 3: tile<BITS, 3>(w, x, r, acc); break;
+      case 4: tile<BITS, 4>(w, x, r, acc); break;
+      case 5: tile<BITS, 5>(w, x, r, acc); break;
+      case 6: tile<BITS, 6>(w, x, r, acc); break;
+      case 7: tile<BITS, 7>(w, x, r, acc); break;
+      default: tile<BITS, 8>(w, x, r, acc); break;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      float* yr = y + (r + i) * ldy + o;
+      __m512 v = _mm512_fmadd_ps(sv, acc[i], _mm512_mul_ps(zv, _mm512_set1_ps(x.xsum[r + i])));
+      _mm512_mask_storeu_ps(yr, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, yr), v));
+    }
+  }
+}
+
+// x: float [T, in] -> xq: int8 [T, Kp] (zero padded), xs: float [T, Kp / G], xsum: float [T].
+void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, int8_t* xq, float* xs, float* xsum) {
+  const int64_t groups = kp / G;
+  for (int64_t r = 0; r < T; ++r) {
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * G, n = std::max<int64_t>(0, std::min<int64_t>(G, in - k0));
+      __m512 v[G / 16];
+      __m512 amax = _mm512_setzero_ps();
+      for (int j = 0; j < G / 16; ++j) {
+        const int64_t left = n - 16 * j;
+        const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+        v[j] = _mm512_maskz_loadu_ps(m, x + r * ldx + k0 + 16 * j);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
+      }
+      const float a = _mm512_reduce_max_ps(amax);
+      const float scale = a > 0.f ? a / 127.f : 0.f;
+      const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+      __m512i qsum = _mm512_setzero_si512();
+      for (int j = 0; j < G / 16; ++j) {
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  // round to nearest even
+        qsum = _mm512_add_epi32(qsum, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + r * kp + k0 + 16 * j), _mm512_cvtsepi32_epi8(q));
+      }
+      xs[r * groups + g] = scale;
+      total += scale * static_cast<float>(_mm512_reduce_add_epi32(qsum));
+    }
+    xsum[r] = total;
+  }
+}
+
+}  // namespace
+
+// x: float [T, in] (unit column stride); y: float [T, out] (unit column stride), accumulated.
+// For each form i: rows [starts[i], ends[i]) get packed[i] (uint8 [NB, Kp / (4 * P), 64] at
+// bits[i] in {1, 2, 4}) with scale[i], zero[i] (float [out]).
+void sgmv(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale,
+          std::vector<torch::Tensor> zero, std::vector<int64_t> bits, std::vector<int64_t> starts,
+          std::vector<int64_t> ends) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1, "x must be float [T, in], unit column stride");
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kFloat && y.stride(1) == 1 && y.size(0) == x.size(0),
+              "y must be float [T, out], unit column stride, as many rows as x");
+  const size_t F = packed.size();
+  TORCH_CHECK(scale.size() == F && zero.size() == F && bits.size() == F && starts.size() == F && ends.size() == F,
+              "one scale, zero, bits, start and end per packed delta");
+  const int64_t T = x.size(0), in = x.size(1), out = y.size(1), kp = (in + G - 1) / G * G, nb = (out + 15) / 16;
+  for (size_t i = 0; i < F; ++i) {
+    const int64_t P = 8 / bits[i];
+    TORCH_CHECK(bits[i] == 1 || bits[i] == 2 || bits[i] == 4, "bits must be 1, 2 or 4, got ", bits[i]);
+    TORCH_CHECK(packed[i].scalar_type() == torch::kUInt8 && packed[i].is_contiguous() && packed[i].dim() == 3 &&
+                packed[i].size(0) == nb && packed[i].size(1) == kp / (4 * P) && packed[i].size(2) == 64,
+                "packed delta ", i, " must be contiguous uint8 [", nb, ", ", kp / (4 * P), ", 64], got ", packed[i].sizes());
+    TORCH_CHECK(scale[i].numel() == out && zero[i].numel() == out && scale[i].scalar_type() == torch::kFloat &&
+                zero[i].scalar_type() == torch::kFloat && scale[i].is_contiguous() && zero[i].is_contiguous(),
+                "scale and zero must be contiguous float [out]");
+    TORCH_CHECK(0 <= starts[i] && starts[i] <= ends[i] && ends[i] <= T, "rows [", starts[i], ", ", ends[i], ") out of range");
+  }
+  auto xq = torch::empty({T, kp}, torch::kInt8);
+  auto xs = torch::empty({T, kp / G}, torch::kFloat);
+  auto xsum = torch::empty({T}, torch::kFloat);
+  quantize(x.data_ptr<float>(), T, in, x.stride(0), kp, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>());
+  const Rows rows{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>(), kp};
+  float* Y = y.data_ptr<float>();
+  const int64_t ldy = y.stride(0);
+  std::vector<size_t> live;
+  for (size_t i = 0; i < F; ++i)
+    if (ends[i] > starts[i]) live.push_back(i);
+  const int64_t items = static_cast<int64_t>(live.size()) * nb;
+  at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) {
+    for (int64_t it = a; it < b; ++it) {
+      const size_t i = live[it / nb];
+      const int64_t ob = it % nb;
+      const uint8_t* w = packed[i].data_ptr<uint8_t>() + ob * packed[i].size(1) * 64;
+      const float* s = scale[i].data_ptr<float>();
+      const float* z = zero[i].data_ptr<float>();
+      switch (bits[i]) {
+        case 1: rows_block<1>(w, rows, starts[i], ends[i], s, z, ob * 16, out, Y, ldy); break;
+        case 2: rows_block<2>(w, rows, starts[i], ends[i], s, z, ob * 16, out, Y, ldy); break;
+        default: rows_block<4>(w, rows, starts[i], ends[i], s, z, ob * 16, out, Y, ldy); break;
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sgmv", &sgmv, "y[s:t] += x[s:t] @ delta^T for low-bit deltas in the VNNI tile layout (lowbit_cpu.py)",
+        py::call_guard<py::gil_scoped_release>());
+}

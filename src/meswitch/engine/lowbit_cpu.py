@@ -1,0 +1,231 @@
+"""A CPU kernel for mixed batches that reads 1-, 2- or 4-bit delta codes: int8 dot products (AVX512-VNNI).
+
+One call per layer computes every expert's delta on its rows (Punica's SGMV, for quantized
+full-rank deltas on a CPU)::
+
+    for (delta, s, t) in forms:  y[s:t] += x_hat[s:t] @ delta^T      # x: [T, in], y: [T, out]
+
+``x_hat`` is ``x`` quantized to int8 per row and per :data:`GROUP` input columns (absmax / 127),
+so the delta term is approximate to about 8 bits, as the int4 path's bf16 activations are; the
+codes, step sizes and zero terms are exact. The codes stay low-bit in memory (3-bit codes take
+4-bit slots): ``bits / 8`` bytes per weight, a quarter of PyTorch's int4 layout at 2 bits, and
+the kernel multiplies 64 codes by 4 activations per instruction (``vpdpbusd``) with any number of
+rows, where ``torch._weight_int4pack_mm_for_cpu`` charges 5 to 8 rows as 8 (docs/engine.md).
+
+The C++ source (``csrc/lowbit_cpu.cpp``) is compiled on first use by
+:func:`torch.utils.cpp_extension.load` (about 30 s, then cached under the meswitch cache). Without a
+compiler or without AVX512-VNNI, :func:`available` is False and callers keep the int4 path;
+:func:`sgmv_reference` is the plain PyTorch statement of what the kernel computes.
+
+Layout of one delta (:func:`layout`): codes ``c: [out, in]`` in tiles of 16 output rows by 4 input
+columns (64 bytes, byte ``4 * o + j`` holds ``c[o, 4 * q + j]``, the operand layout of ``vpdpbusd``),
+``8 / bits`` consecutive tiles sharing one 64-byte chunk (tile ``p`` in bits ``[bits * p, bits * (p + 1))``):
+``uint8 [ceil(out / 16), Kp / (32 / bits), 64]``, ``Kp`` = ``in`` rounded up to :data:`GROUP`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from meswitch.paths import cache_root
+
+GROUP = 64  # input columns per activation scale
+BLOCK = 16  # output rows per tile
+LAYOUT_BITS = {1: 1, 2: 2, 3: 4, 4: 4}  # stored bits -> bits per code in the kernel's layout
+_SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+@functools.cache
+def _extension() -> tuple[object | None, str | None]:
+    """The compiled module, or None and why not."""
+    if os.environ.get("MESWITCH_LOWBIT_CPU", "1") == "0":
+        return None, "disabled by MESWITCH_LOWBIT_CPU=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"needs x86-64, this is {platform.machine()}"
+    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} - _cpu_flags()
+    if missing:
+        return None, f"this CPU lacks {sorted(missing)}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = cache_root() / "kernels" / f"lowbit_cpu-torch{torch.__version__.replace('+', '_')}"
+        build.mkdir(parents=True, exist_ok=True)
+        mod = load("meswitch_lowbit_cpu", [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                   build_directory=str(build), verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: the int4 path serves instead
+        return None, f"the kernel did not build: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+    return mod, None
+
+
+def available() -> bool:
+    """Whether the kernel is built (building it on first call) and runs on this CPU."""
+    return _extension()[0] is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    return _extension()[1]
+
+
+@dataclass(frozen=True, eq=False)
+class LowbitDelta:
+    """One delta's quantized columns in the kernel's layout: ``packed: uint8 [ceil(out / 16), Kp * bits / 32, 64]``,
+    ``scale``, ``zero: float32 [out]`` (level of code ``c`` in output ``o``: ``c * scale[o] + zero[o]``),
+    ``bits`` in the layout (1, 2 or 4), ``shape = (out, in)``. ``salient_idx: int64 [k]``: columns kept
+    apart in 16 bit, whose code slots hold 0 (their level ``zero[o]`` is taken back out by
+    :meth:`matmul`); the caller adds their own part."""
+
+    packed: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+    shape: tuple[int, int]
+    salient_idx: Tensor | None = None
+
+    @property
+    def unit_scale(self) -> bool:
+        """Whether one kernel call gives the whole delta (no salient columns)."""
+        return self.salient_idx is None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero, self.salient_idx)
+                   if t is not None)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x: [n, in]`` -> float32 ``[n, out]``: the quantized columns' part of ``x_hat @ delta^T``."""
+        y = torch.zeros(x.shape[0], self.shape[0], dtype=torch.float32)
+        sgmv(x, y, [(self, 0, x.shape[0])])
+        if self.salient_idx is not None:  # their 0 codes still met the zero term: z_o * x[:, salient].sum(1)
+            y.addr_(x.float().index_select(1, self.salient_idx).sum(1), self.zero, alpha=-1)
+        return y
+
+
+def layout(codes: Tensor, bits: int) -> Tensor:
+    """``codes: uint8 [out, in]`` (each below ``2**bits``) -> the kernel's ``uint8 [ceil(out/16), Kp*bits/32, 64]``."""
+    if bits not in (1, 2, 4):
+        raise ValueError(f"layout bits must be 1, 2 or 4, got {bits}")
+    out, n = codes.shape
+    nb, kp = -(-out // BLOCK), -(-n // GROUP) * GROUP
+    full = torch.zeros(nb * BLOCK, kp, dtype=torch.uint8)
+    full[:out, :n] = codes
+    tiles = full.view(nb, BLOCK, kp // 4, 4).permute(0, 2, 1, 3).reshape(nb, kp // 4, 64)  # [NB, quads, 64]
+    planes = 8 // bits
+    tiles = tiles.view(nb, kp // 4 // planes, planes, 64)
+    packed = tiles[:, :, 0].clone()
+    for p in range(1, planes):
+        packed |= tiles[:, :, p] << (bits * p)
+    return packed
+
+
+def unlayout(packed: Tensor, bits: int, out: int, n: int) -> Tensor:
+    """Inverse of :func:`layout`: ``uint8 [ceil(out/16), Kp*bits/32, 64]`` -> codes ``uint8 [out, n]``."""
+    nb, chunks, _ = packed.shape
+    mask = (1 << bits) - 1
+    planes = torch.stack([(packed >> (bits * p)) & mask for p in range(8 // bits)], 2)  # [NB, C, P, 64]
+    tiles = planes.view(nb, chunks * (8 // bits), BLOCK, 4).permute(0, 2, 1, 3)  # [NB, 16, quads, 4]
+    return tiles.reshape(nb * BLOCK, -1)[:out, :n].contiguous()
+
+
+def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
+          shape: tuple[int, int]) -> LowbitDelta | None:
+    """The kernel's form of a delta's quantized columns; None where the kernel is unavailable or the
+    codes are not on the CPU.
+
+    ``codes: uint8 [out, in - k]`` (unpacked) of the columns ``rest_idx: int64 [in - k]``,
+    ``scale: [out]`` or ``[1]``, ``zero: [out] | None`` (None: symmetric levels ``(c - m) * scale``,
+    ``m = (2**bits - 1) / 2``). Column-scaled (sign2d) deltas are not taken.
+    """
+    out, n = shape
+    if codes.device.type != "cpu" or codes.shape[0] != out or not available():
+        return None
+    s = scale.float().expand(out).contiguous()
+    z = -((1 << bits) - 1) / 2 * s if zero is None else zero.float().expand(out).contiguous()
+    salient = None
+    if len(rest_idx) != n:  # salient columns: code slots of 0 there
+        full = torch.zeros(out, n, dtype=torch.uint8)
+        full.index_copy_(1, rest_idx, codes)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[rest_idx] = False
+        codes, salient = full, keep.nonzero().squeeze(1)
+    lb = LAYOUT_BITS[bits]
+    return LowbitDelta(layout(codes, lb), s, z.contiguous(), lb, (out, n), salient)
+
+
+def concat(parts: list[LowbitDelta]) -> tuple[LowbitDelta, list[LowbitDelta]] | None:
+    """Deltas of layers reading one input (q/k/v, gate/up) stacked along ``out`` for one call.
+
+    Returns the stacked delta and the parts rebuilt over views of its tensors (held once), or None
+    unless all parts share ``in`` and layout bits and every part but the last fills whole tiles of
+    :data:`BLOCK` rows.
+    """
+    if not parts or any(not p.unit_scale or p.bits != parts[0].bits or p.shape[1] != parts[0].shape[1]
+                        for p in parts):
+        return None
+    if any(p.shape[0] % BLOCK for p in parts[:-1]):
+        return None
+    packed = torch.cat([p.packed for p in parts])
+    scale, zero = torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts])
+    out = sum(p.shape[0] for p in parts)
+    fused = LowbitDelta(packed, scale, zero, parts[0].bits, (out, parts[0].shape[1]))
+    views, row = [], 0
+    for p in parts:
+        o = p.shape[0]
+        b = row // BLOCK
+        views.append(replace(p, packed=packed[b : b + p.packed.shape[0]], scale=scale[row : row + o],
+                             zero=zero[row : row + o]))
+        row += o
+    return fused, views
+
+
+def sgmv(x: Tensor, y: Tensor, forms: list[tuple[LowbitDelta, int, int]]) -> None:
+    """``y[s:t] += x_hat[s:t] @ delta^T`` for each ``(delta, s, t)`` in one call (module docstring).
+
+    ``x: float32 [T, in]``, ``y: float32 [T, out]`` (both with unit column stride; ``y`` may be a
+    column slice of a wider output). Raises RuntimeError if the kernel is unavailable.
+    """
+    mod = _extension()[0]
+    if mod is None:
+        raise RuntimeError(f"the low-bit CPU kernel is unavailable: {unavailable_reason()}")
+    if not forms:
+        return
+    if y.dtype != torch.float32 or y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"y must be float32 [T, out] with unit column stride, got {y.dtype} {tuple(y.shape)}")
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        x = x.float().contiguous()
+    mod.sgmv(x, y, [f.packed for f, _, _ in forms], [f.scale for f, _, _ in forms], [f.zero for f, _, _ in forms],
+             [f.bits for f, _, _ in forms], [s for _, s, _ in forms], [t for _, _, t in forms])
+
+
+def quantize_reference(x: Tensor) -> Tensor:
+    """``x: float32 [T, in]`` -> ``x_hat`` as the kernel sees it: int8 per row and group of :data:`GROUP` columns."""
+    t, n = x.shape
+    kp = -(-n // GROUP) * GROUP
+    g = torch.nn.functional.pad(x.float(), (0, kp - n)).view(t, kp // GROUP, GROUP)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(g * inv).clamp(-128, 127)
+    return (q * (amax / 127.0)).view(t, kp)[:, :n]
+
+
+def sgmv_reference(x: Tensor, y: Tensor, forms: list[tuple[Tensor, Tensor, Tensor, int, int]]) -> None:
+    """Plain PyTorch statement of :func:`sgmv`: ``forms`` as ``(codes [out, in], scale [out], zero [out], s, t)``."""
+    xh = quantize_reference(x)
+    for codes, scale, zero, s, t in forms:
+        y[s:t] += xh[s:t] @ (codes.float() * scale[:, None] + zero[:, None]).T
