@@ -51,7 +51,8 @@ PLOTS = {"fidelity": "report_fidelity.png", "memory": "report_memory.png",
 def load_results(d: Path) -> dict[str, Any]:
     """Every result file that exists, by name (``compression``, ``engine``, ``router``, ...)."""
     files = {"compression": "compression_full.json", "engine": "engine.json", "router": "router.json",
-             "load": "load.json", "ray": "ray_scale.json", "run": "bench_run.json", "gpu": "gpu_sgmv.json"}
+             "load": "load.json", "ray": "ray_scale.json", "run": "bench_run.json", "gpu": "gpu_sgmv.json",
+             "kernels": "cpu_delta_kernels.json", "kernel_fidelity": "kernel_fidelity.json"}
     out = {}
     for key, name in files.items():
         p = d / name
@@ -165,8 +166,8 @@ def _cache_key(engine: dict) -> tuple[str, str]:
     """The memory row key of the default policy's kernel cache, and its name (runs before the low-bit kernel: int4)."""
     rows = engine["memory_bytes"].values()
     if rows and all("packed+lowbit" in m for m in rows):
-        return "packed+lowbit", "low-bit kernel layout"
-    return "packed+int4", "int4 cache"
+        return "packed+lowbit", "the codes in the low-bit kernel's layout (in place of the packed ones)"
+    return "packed+int4", "the packed codes plus the int4 cache"
 
 
 def memory_section(engine: dict | None, summary: dict | None, bits: float | None) -> list[str]:
@@ -180,9 +181,8 @@ def memory_section(engine: dict | None, summary: dict | None, bits: float | None
                          f"{m['full_models'] / m['packed']:.2f}x", f"{m[key] / 2**20:.0f} MiB",
                          f"{m['full_models'] / m[key]:.2f}x"])
         out += ["Measured resident memory of the engine on this machine (fp32 base, as served on CPU): "
-                f"packed codes, and packed codes plus the {name} the default policy keeps for fast mixed "
-                "batches.", "",
-                md_table(["experts", "full models", "meswitch packed", "ratio", f"packed + {name}", "ratio"], rows),
+                f"packed codes only, and what the default policy keeps for fast mixed batches: {name}.", "",
+                md_table(["experts", "full models", "meswitch packed", "ratio", "meswitch default", "ratio"], rows),
                 ""]
     else:
         out += ["Engine memory not measured: `python benchmarks/engine.py`.", ""]
@@ -253,6 +253,33 @@ def engine_section(engine: dict | None) -> list[str]:
         out += [f"Bringing an expert in from disk (verified): median {loads[len(loads) // 2]:.0f} ms over "
                 f"{len(loads)} loads.", ""]
     return out + [f"![tokens/s against active experts](results/{PLOTS['throughput']})", ""]
+
+
+def kernels_section(kernels: dict | None, fidelity: dict | None) -> list[str]:
+    """The CPU delta kernels side by side (speed), and what their rounding costs against the exact path."""
+    out = ["## Engine: the CPU delta kernels", ""]
+    if kernels:
+        rows = [[n, *(f"{r[k]:.2f}" for k in ("lowbit_1bit_ms", "lowbit_2bit_ms", "lowbit_3bit_ms", "int4_ms")),
+                 f"{r['int4_ms'] / r['lowbit_2bit_ms']:.2f}x"] for n, r in kernels["per_expert_rows"].items()]
+        st = kernels["step_3_experts_batch_16"]
+        out += [f"ms per expert over {kernels['layers']} layers of the zoo base's shapes, random codes "
+                f"({kernels['machine']}, {kernels['threads']} threads): meswitch's low-bit kernel (VNNI int8 dot "
+                "products) against PyTorch's int4 kernel.", "",
+                md_table(["rows", "low-bit 1 bit", "2 bits", "3 bits", "int4", "int4 / low-bit 2 bits"], rows), "",
+                f"One decode step's deltas for 3 experts at batch 16: low-bit {st['lowbit_2bit_ms']:.1f} ms (2 bits, "
+                f"one call per layer), int4 {st['int4_ms']:.1f} ms (one call per expert): "
+                f"{st['int4_ms'] / st['lowbit_2bit_ms']:.1f}x.", ""]
+    else:
+        out += ["Not measured: `python benchmarks/cpu_delta_kernels.py`.", ""]
+    if fidelity:
+        rows = [[c, n, s["positions"], f"{s['kl']:.2e}", f"{s['top1']:.4f}", f"{s['max_abs_logit']:.3f}"]
+                for c, by in fidelity["caches"].items() for n, s in by.items()]
+        out += [f"Against the exact path ({fidelity['reference']}), teacher-forced on {fidelity['examples']} held-out "
+                "examples of each expert's domain, every expert in one mixed batch:", "",
+                md_table(["kernel", "expert", "positions", "mean KL", "top-1 agreement", "max abs logit diff"], rows), ""]
+    else:
+        out += ["Not measured: `python benchmarks/kernel_fidelity.py`.", ""]
+    return out
 
 
 def gpu_section(gpu: dict | None) -> list[str]:
@@ -422,7 +449,7 @@ def plot_memory(engine: dict | None, bits: float, path: Path) -> None:
         ns = sorted(int(n) for n in mem)
         cache, name = _cache_key(engine)
         for key, label in (("full_models", "full models"), ("packed", "meswitch (packed)"),
-                           (cache, f"meswitch (packed + {name})")):
+                           (cache, "meswitch (default policy)")):
             ax.plot(ns, [mem[str(n)][key] / 2**20 for n in ns], marker="o", label=label)
         if 3 in ns:
             ax.plot([3], [mem["3"]["full_models"] / PAPER_RATIO_3 / 2**20], "k*", ms=12,
@@ -529,6 +556,7 @@ def build_report(res: dict, results: Path, summary: dict | None) -> str:
     lines += compression_section(res.get("compression"))
     lines += memory_section(res.get("engine"), summary, bits)
     lines += engine_section(res.get("engine"))
+    lines += kernels_section(res.get("kernels"), res.get("kernel_fidelity"))
     lines += gpu_section(res.get("gpu"))
     lines += router_section(res.get("router"))
     lines += load_section(res.get("load"))

@@ -48,6 +48,8 @@ def steps(store: Path) -> list[Step]:
         Step("prepare", [py, "-m", "meswitch", "demo", "--prepare", "--store", str(store)]),
         Step("compression", [py, str(HERE / "compression.py"), "--zoo", "full", "--settings", COMPRESSION_SETTINGS]),
         Step("engine", [py, str(HERE / "engine.py"), "--store", str(store)]),
+        Step("cpu_kernels", [py, str(HERE / "cpu_delta_kernels.py")]),
+        Step("kernel_fidelity", [py, str(HERE / "kernel_fidelity.py"), "--store", str(store)]),
         Step("router", [py, str(HERE / "router.py"), "--store", str(store)], needs="sentence_transformers"),
         Step("load", [py, str(HERE / "load.py"), "--store", str(store), "--clients", "8", "--seconds", "60"],
              needs="openai"),

@@ -86,7 +86,8 @@ def test_report_without_results_says_what_to_run(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--store", str(tmp_path)]) == 0
     text = out.read_text()
-    for cmd in ("compression.py", "engine.py", "router.py", "load.py", "ray_scale.py", "gpu_sgmv.py"):
+    for cmd in ("compression.py", "engine.py", "router.py", "load.py", "ray_scale.py", "gpu_sgmv.py",
+                "cpu_delta_kernels.py", "kernel_fidelity.py"):
         assert f"Not measured: `python benchmarks/{cmd}`." in text
     assert not list(tmp_path.glob("*.png"))
 
@@ -131,3 +132,20 @@ def test_runner_rejects_unknown_steps(capsys):
     with pytest.raises(SystemExit):
         run_all.main(["--only", "compresion"])
     assert "unknown steps ['compresion']" in capsys.readouterr().err
+
+
+def test_report_shows_the_cpu_kernels_and_their_fidelity(tmp_path):
+    kernels = {"machine": "test", "threads": 2, "layers": 30,
+               "per_expert_rows": {"5": {"lowbit_1bit_ms": 1.5, "lowbit_2bit_ms": 2.0, "lowbit_3bit_ms": 2.5, "int4_ms": 5.0}},
+               "step_3_experts_batch_16": {"lowbit_1bit_ms": 6.0, "lowbit_2bit_ms": 8.0, "lowbit_3bit_ms": 9.0,
+                                           "int4_ms": 36.0}}
+    fid = {"reference": "exact", "examples": 4,
+           "caches": {"lowbit": {"math": {"positions": 176, "kl": 6.5e-7, "top1": 0.9765, "max_abs_logit": 0.014}}}}
+    (tmp_path / "cpu_delta_kernels.json").write_text(json.dumps(kernels))
+    (tmp_path / "kernel_fidelity.json").write_text(json.dumps(fid))
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out), "--store", str(tmp_path)]) == 0
+    text = out.read_text()
+    # 5.0 / 2.0 and 36 / 8, worked out by hand
+    assert "| 5 | 1.50 | 2.00 | 2.50 | 5.00 | 2.50x |" in text and "(one call per expert): 4.5x." in text
+    assert "| lowbit | math | 176 | 6.50e-07 | 0.9765 | 0.014 |" in text

@@ -26,6 +26,7 @@ columns (64 bytes, byte ``4 * o + j`` holds ``c[o, 4 * q + j]``, the operand lay
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import platform
 from dataclasses import dataclass, replace
@@ -35,6 +36,8 @@ import torch
 from torch import Tensor
 
 from meswitch.paths import cache_root
+
+log = logging.getLogger(__name__)
 
 GROUP = 64  # input columns per activation scale
 BLOCK = 16  # output rows per tile
@@ -67,6 +70,8 @@ def _extension() -> tuple[object | None, str | None]:
 
         build = cache_root() / "kernels" / f"lowbit_cpu-torch{torch.__version__.replace('+', '_')}"
         build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            log.warning("compiling the low-bit CPU kernel into %s (first use only, about 30 s)", build)
         mod = load("meswitch_lowbit_cpu", [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                    build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the int4 path serves instead
