@@ -5,6 +5,7 @@ down; 30 layers), timed for 1 to 16 rows of one expert, then one decode step's d
 experts at batch 16 (5, 5 and 6 rows) as the engine runs it: one low-bit call per layer for all
 three segments, against one int4 call per expert on rows converted to bf16 once per layer. The
 int4 kernel works on 4 rows at a time (5 to 8 rows cost as 8); the low-bit kernel takes any number.
+The low-bit kernel's AVX2 build (what CPUs without AVX512-VNNI get) is timed too where it runs.
 
     python benchmarks/cpu_delta_kernels.py [--threads 2] [--json]
 
@@ -67,18 +68,19 @@ def main(argv: list[str] | None = None) -> int:
              torch.rand(sh[1] // 64, sh[0], 2, generator=g).bfloat16()) for sh in SHAPES] for _ in range(LAYERS)]
           for _ in SEGMENTS]
 
+    avx2 = "avx2" in lowbit_cpu.supported_isas() and lowbit_cpu._build("avx2")[0] is not None
     per_rows: dict[str, dict[str, float]] = {}
-    print("ms per expert over 30 layers\n\n| rows | low-bit 1 bit | 2 bits | 3 bits | int4 kernel | int4 / low-bit 2 bits |\n"
-          "|---|---|---|---|---|---|")
+    print(f"ms per expert over 30 layers ({lowbit_cpu.isa()} build)\n\n| rows | low-bit 1 bit | 2 bits | 3 bits | "
+          "2 bits, AVX2 build | int4 kernel | int4 / low-bit 2 bits |\n|---|---|---|---|---|---|---|")
     for n in ROWS:
         xs = {k: torch.randn(n, k, generator=g) for k in (576, 1536)}
         xb = {k: v.bfloat16() for k, v in xs.items()}
         ys = {o: torch.zeros(n, o) for o, _ in SHAPES}
 
-        def run_low(b: int, xs=xs, ys=ys, n=n):
+        def run_low(b: int, isa: str | None = None, xs=xs, ys=ys, n=n):
             for layer in low[b][0]:
                 for d, (o, i) in zip(layer, SHAPES, strict=True):
-                    lowbit_cpu.sgmv(xs[i], ys[o], [(d, 0, n)])
+                    lowbit_cpu.sgmv(xs[i], ys[o], [(d, 0, n)], isa=isa)
 
         def run_i4(xb=xb):
             for layer in i4[0]:
@@ -86,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                     torch._weight_int4pack_mm_for_cpu(xb[i], p, 64, sz)
 
         row = {f"lowbit_{b}bit_ms": timed(lambda b=b: run_low(b)) for b in (1, 2, 3)} | {"int4_ms": timed(run_i4)}
+        if avx2:
+            row["lowbit_2bit_avx2_ms"] = timed(lambda: run_low(2, "avx2"))
         per_rows[str(n)] = row
         print(f"| {n} | {row['lowbit_1bit_ms']:.2f} | {row['lowbit_2bit_ms']:.2f} | {row['lowbit_3bit_ms']:.2f} | "
-              f"{row['int4_ms']:.2f} | {row['int4_ms'] / row['lowbit_2bit_ms']:.2f}x |")
+              f"{row.get('lowbit_2bit_avx2_ms', float('nan')):.2f} | {row['int4_ms']:.2f} | "
+              f"{row['int4_ms'] / row['lowbit_2bit_ms']:.2f}x |")
 
     t = SEGMENTS[-1][1]
     xs = {k: torch.randn(t, k, generator=g) for k in (576, 1536)}
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\none decode step's deltas, 3 experts at batch 16 (rows 5/5/6): low-bit {step['lowbit_1bit_ms']:.1f} / "
           f"{step['lowbit_2bit_ms']:.1f} / {step['lowbit_3bit_ms']:.1f} ms (1/2/3 bits), int4 {step['int4_ms']:.1f} ms "
           f"({step['int4_ms'] / step['lowbit_2bit_ms']:.1f}x the 2-bit time)")
-    result = {"machine": machine(), "threads": args.threads, "layers": LAYERS, "shapes": SHAPES,
+    result = {"machine": machine(), "threads": args.threads, "layers": LAYERS, "shapes": SHAPES, "isa": lowbit_cpu.isa(),
               "per_expert_rows": per_rows, "step_3_experts_batch_16": step}
     (results_dir() / "cpu_delta_kernels.json").write_text(json.dumps(result, indent=2))
     if args.json:

@@ -259,13 +259,15 @@ def kernels_section(kernels: dict | None, fidelity: dict | None) -> list[str]:
     """The CPU delta kernels side by side (speed), and what their rounding costs against the exact path."""
     out = ["## Engine: the CPU delta kernels", ""]
     if kernels:
-        rows = [[n, *(f"{r[k]:.2f}" for k in ("lowbit_1bit_ms", "lowbit_2bit_ms", "lowbit_3bit_ms", "int4_ms")),
-                 f"{r['int4_ms'] / r['lowbit_2bit_ms']:.2f}x"] for n, r in kernels["per_expert_rows"].items()]
+        keys = ("lowbit_1bit_ms", "lowbit_2bit_ms", "lowbit_3bit_ms", "lowbit_2bit_avx2_ms", "int4_ms")
+        rows = [[n, *(f"{r[k]:.2f}" if k in r else "-" for k in keys), f"{r['int4_ms'] / r['lowbit_2bit_ms']:.2f}x"]
+                for n, r in kernels["per_expert_rows"].items()]
         st = kernels["step_3_experts_batch_16"]
         out += [f"ms per expert over {kernels['layers']} layers of the zoo base's shapes, random codes "
                 f"({kernels['machine']}, {kernels['threads']} threads): meswitch's low-bit kernel (VNNI int8 dot "
                 "products) against PyTorch's int4 kernel.", "",
-                md_table(["rows", "low-bit 1 bit", "2 bits", "3 bits", "int4", "int4 / low-bit 2 bits"], rows), "",
+                md_table(["rows", "low-bit 1 bit", "2 bits", "3 bits", "2 bits, AVX2 build", "int4", "int4 / low-bit 2 bits"],
+                         rows), "",
                 f"One decode step's deltas for 3 experts at batch 16: low-bit {st['lowbit_2bit_ms']:.1f} ms (2 bits, "
                 f"one call per layer), int4 {st['int4_ms']:.1f} ms (one call per expert): "
                 f"{st['int4_ms'] / st['lowbit_2bit_ms']:.1f}x.", ""]

@@ -147,5 +147,5 @@ def test_report_shows_the_cpu_kernels_and_their_fidelity(tmp_path):
     assert report.main(["--results", str(tmp_path), "--out", str(out), "--store", str(tmp_path)]) == 0
     text = out.read_text()
     # 5.0 / 2.0 and 36 / 8, worked out by hand
-    assert "| 5 | 1.50 | 2.00 | 2.50 | 5.00 | 2.50x |" in text and "(one call per expert): 4.5x." in text
+    assert "| 5 | 1.50 | 2.00 | 2.50 | - | 5.00 | 2.50x |" in text and "(one call per expert): 4.5x." in text
     assert "| lowbit | math | 176 | 6.50e-07 | 0.9765 | 0.014 |" in text

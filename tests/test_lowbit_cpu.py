@@ -19,6 +19,9 @@ from meswitch.engine.segments import Segments
 from tests.test_delta_linear import SCHEME_IDS, SCHEMES, encoded, gen, rel_close
 
 needs_kernel = pytest.mark.skipif(not lowbit_cpu.available(), reason=f"{lowbit_cpu.unavailable_reason()}")
+# every build this CPU can run (AVX512-VNNI and AVX2 here): each must compute the same thing
+BUILDS = [pytest.param(i, marks=pytest.mark.skipif(i not in lowbit_cpu.supported_isas() or lowbit_cpu._build(i)[0] is None,
+                                                   reason=f"no {i} build here")) for i in lowbit_cpu.ISAS]
 
 
 def codes_of(out: int, n: int, bits: int, seed: int) -> torch.Tensor:
@@ -64,9 +67,10 @@ def test_quantize_reference_is_int8_per_row_and_group():
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", BUILDS)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize(("out", "n"), [(48, 192), (40, 200), (16, 64), (576, 1536)])
-def test_kernel_matches_the_reference_on_mixed_segments(bits, out, n):
+def test_kernel_matches_the_reference_on_mixed_segments(bits, out, n, isa):
     rows = [0, 3, 3, 12, 21]  # segments of 3, 0, 9 (a tile of 8 and one more) and 9 rows
     forms, ref = [], []
     for i, (s, t) in enumerate(zip(rows, rows[1:], strict=False)):
@@ -79,7 +83,7 @@ def test_kernel_matches_the_reference_on_mixed_segments(bits, out, n):
     x = torch.randn(rows[-1], n, generator=gen(7)) * 2
     y0 = torch.randn(rows[-1], out, generator=gen(8))
     got, want = y0.clone(), y0.clone()
-    lowbit_cpu.sgmv(x, got, forms)
+    lowbit_cpu.sgmv(x, got, forms, isa=isa)
     lowbit_cpu.sgmv_reference(x, want, ref)
     scale = want.abs().max()
     assert (got - want).abs().max() <= 2e-6 * scale  # float32 rounding only
@@ -91,29 +95,31 @@ def test_kernel_matches_the_reference_on_mixed_segments(bits, out, n):
 
 
 @needs_kernel
-def test_rows_do_not_depend_on_their_batch():
+@pytest.mark.parametrize("isa", BUILDS)
+def test_rows_do_not_depend_on_their_batch(isa):
     """Per-row quantization and per-row sums: a row gives the same bits alone as in any tile of rows."""
     codes = codes_of(64, 256, 2, seed=3)
     d = lowbit_cpu.build(codes, torch.arange(256), torch.rand(64, generator=gen(1)), None, 2, (64, 256))
     x = torch.randn(11, 256, generator=gen(2))
     together = torch.zeros(11, 64)
-    lowbit_cpu.sgmv(x, together, [(d, 0, 11)])
+    lowbit_cpu.sgmv(x, together, [(d, 0, 11)], isa=isa)
     for i in range(11):
         alone = torch.zeros(1, 64)
-        lowbit_cpu.sgmv(x[i : i + 1], alone, [(d, 0, 1)])
+        lowbit_cpu.sgmv(x[i : i + 1], alone, [(d, 0, 1)], isa=isa)
         assert torch.equal(alone[0], together[i])
 
 
 @needs_kernel
-def test_output_may_be_a_column_slice_of_a_wider_tensor():
-    codes = codes_of(32, 128, 2, seed=4)
-    d = lowbit_cpu.build(codes, torch.arange(128), torch.rand(32, generator=gen(3)), None, 2, (32, 128))
+@pytest.mark.parametrize("isa", BUILDS)
+def test_output_may_be_a_column_slice_of_a_wider_tensor(isa):
+    codes = codes_of(40, 128, 2, seed=4)  # 40 outputs: the last tile of 16 is partial
+    d = lowbit_cpu.build(codes, torch.arange(128), torch.rand(40, generator=gen(3)), None, 2, (40, 128))
     x, wide = torch.randn(5, 128, generator=gen(4)), torch.zeros(5, 96)
-    lowbit_cpu.sgmv(x, wide[:, 32:64], [(d, 0, 5)])
-    alone = torch.zeros(5, 32)
-    lowbit_cpu.sgmv(x, alone, [(d, 0, 5)])
-    assert torch.equal(wide[:, 32:64], alone)
-    assert not wide[:, :32].any() and not wide[:, 64:].any()
+    lowbit_cpu.sgmv(x, wide[:, 32:72], [(d, 0, 5)], isa=isa)
+    alone = torch.zeros(5, 40)
+    lowbit_cpu.sgmv(x, alone, [(d, 0, 5)], isa=isa)
+    assert torch.equal(wide[:, 32:72], alone)
+    assert not wide[:, :32].any() and not wide[:, 72:].any()
 
 
 @needs_kernel
@@ -213,3 +219,17 @@ def test_the_layout_holds_the_codes_once_and_gives_them_back(scheme):
     assert torch.equal(moved.packed, fields["codes"])
     pd.set_resident(None)  # leaving the layout brings the stored codes back
     assert not pd.codes_in_fused and torch.equal(pd.packed, fields["codes"]) and pd.fused is None
+
+
+def test_the_environment_picks_or_disables_the_build(monkeypatch):
+    monkeypatch.setenv("MESWITCH_LOWBIT_CPU", "0")
+    assert not lowbit_cpu.available() and "MESWITCH_LOWBIT_CPU=0" in lowbit_cpu.unavailable_reason()
+    monkeypatch.setenv("MESWITCH_LOWBIT_CPU", "neon")
+    assert not lowbit_cpu.available() and "not one of" in lowbit_cpu.unavailable_reason()
+    if "avx2" in lowbit_cpu.supported_isas() and lowbit_cpu._build("avx2")[0] is not None:
+        monkeypatch.setenv("MESWITCH_LOWBIT_CPU", "avx2")
+        assert lowbit_cpu.isa() == "avx2"
+        fields, meta = encoded(("rtn", 2, 0, True), seed=2, out=32, n=128)
+        pd = PackedDelta.from_fields(fields, meta, resident="lowbit")
+        x = torch.randn(3, 128, generator=gen(6))
+        rel_close(pd.matmul(x), x @ decode_delta(fields, meta).T, tol=2e-2)

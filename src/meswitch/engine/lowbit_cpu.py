@@ -13,9 +13,10 @@ the kernel multiplies 64 codes by 4 activations per instruction (``vpdpbusd``) w
 rows, where ``torch._weight_int4pack_mm_for_cpu`` charges 5 to 8 rows as 8 (docs/engine.md).
 
 The C++ source (``csrc/lowbit_cpu.cpp``) is compiled on first use by
-:func:`torch.utils.cpp_extension.load` (about 30 s, then cached under the meswitch cache). Without a
-compiler or without AVX512-VNNI, :func:`available` is False and callers keep the int4 path;
-:func:`sgmv_reference` is the plain PyTorch statement of what the kernel computes.
+:func:`torch.utils.cpp_extension.load` (about 30 s, then cached under the meswitch cache), for the
+best instruction set the CPU has (:data:`ISAS`: AVX512-VNNI, else AVX2 with the same layout and
+results). Without a compiler or either instruction set, :func:`available` is False and callers keep
+the int4 path; :func:`sgmv_reference` is the plain PyTorch statement of what the kernel computes.
 
 Layout of one delta (:func:`layout`): codes ``c: [out, in]`` in tiles of 16 output rows by 4 input
 columns (64 bytes, byte ``4 * o + j`` holds ``c[o, 4 * q + j]``, the operand layout of ``vpdpbusd``),
@@ -43,40 +44,72 @@ GROUP = 64  # input columns per activation scale
 BLOCK = 16  # output rows per tile
 LAYOUT_BITS = {1: 1, 2: 2, 3: 4, 4: 4}  # stored bits -> bits per code in the kernel's layout
 _SOURCE = Path(__file__).parent / "csrc" / "lowbit_cpu.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+# One build per instruction set, best first: (CPU flags it needs, compiler flags).
+ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
+    "avx512_vnni": (frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+                    ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]),
+    "avx2": (frozenset({"avx2", "fma"}), ["-mavx2", "-mfma"]),
+}
 
 
 @functools.cache
-def _extension() -> tuple[object | None, str | None]:
-    """The compiled module, or None and why not."""
-    if os.environ.get("MESWITCH_LOWBIT_CPU", "1") == "0":
-        return None, "disabled by MESWITCH_LOWBIT_CPU=0"
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.split(":", 1)[-1].split())
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets of :data:`ISAS` this CPU has, best first."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs x86-64, this is {platform.machine()}"
-    missing = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} - _cpu_flags()
-    if missing:
-        return None, f"this CPU lacks {sorted(missing)}"
+        return []
+    flags = _cpu_flags()
+    return [name for name, (need, _) in ISAS.items() if need <= flags]
+
+
+@functools.cache
+def _build(isa: str) -> tuple[object | None, str | None]:
+    """The kernel compiled for ``isa``, or None and why not."""
+    if isa not in supported_isas():
+        return None, f"this CPU ({platform.machine()}) lacks {isa}"
     try:
         from torch.utils.cpp_extension import load
 
-        build = cache_root() / "kernels" / f"lowbit_cpu-torch{torch.__version__.replace('+', '_')}"
+        build = cache_root() / "kernels" / f"lowbit_cpu-{isa}-torch{torch.__version__.replace('+', '_')}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
-            log.warning("compiling the low-bit CPU kernel into %s (first use only, about 30 s)", build)
-        mod = load("meswitch_lowbit_cpu", [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-                   build_directory=str(build), verbose=False)
+            log.warning("compiling the low-bit CPU kernel (%s) into %s (first use only, about 30 s)", isa, build)
+        mod = load(f"meswitch_lowbit_cpu_{isa}", [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", *ISAS[isa][1]],
+                   extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the int4 path serves instead
         return None, f"the kernel did not build: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
     return mod, None
+
+
+def _extension() -> tuple[object | None, str | None]:
+    """The kernel the engine uses: ``MESWITCH_LOWBIT_CPU`` = ``0`` (off), an ISA name, or unset (the best).
+
+    Called on every kernel call: the choice is cached per value of the variable.
+    """
+    return _select(os.environ.get("MESWITCH_LOWBIT_CPU", ""))
+
+
+@functools.cache
+def _select(want: str) -> tuple[object | None, str | None]:
+    if want == "0":
+        return None, "disabled by MESWITCH_LOWBIT_CPU=0"
+    if want:
+        return _build(want) if want in ISAS else (None, f"MESWITCH_LOWBIT_CPU={want!r}: not one of {list(ISAS)} or 0")
+    reasons = []
+    for isa in supported_isas():
+        mod, why = _build(isa)
+        if mod is not None:
+            return mod, None
+        reasons.append(f"{isa}: {why}")
+    return None, "; ".join(reasons) or f"no supported instruction set ({', '.join(ISAS)}) on this CPU"
 
 
 def available() -> bool:
@@ -87,6 +120,12 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
     return _extension()[1]
+
+
+def isa() -> str | None:
+    """The instruction set of the kernel in use (None: unavailable)."""
+    mod = _extension()[0]
+    return next((name for name in ISAS if mod is not None and _build(name)[0] is mod), None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,15 +238,16 @@ def concat(parts: list[LowbitDelta]) -> tuple[LowbitDelta, list[LowbitDelta]] | 
     return fused, views
 
 
-def sgmv(x: Tensor, y: Tensor, forms: list[tuple[LowbitDelta, int, int]]) -> None:
+def sgmv(x: Tensor, y: Tensor, forms: list[tuple[LowbitDelta, int, int]], isa: str | None = None) -> None:
     """``y[s:t] += x_hat[s:t] @ delta^T`` for each ``(delta, s, t)`` in one call (module docstring).
 
     ``x: float32 [T, in]``, ``y: float32 [T, out]`` (both with unit column stride; ``y`` may be a
-    column slice of a wider output). Raises RuntimeError if the kernel is unavailable.
+    column slice of a wider output). ``isa``: a build of :data:`ISAS` (None: the one in use).
+    Raises RuntimeError if the kernel is unavailable.
     """
-    mod = _extension()[0]
+    mod, why = _extension() if isa is None else _build(isa)
     if mod is None:
-        raise RuntimeError(f"the low-bit CPU kernel is unavailable: {unavailable_reason()}")
+        raise RuntimeError(f"the low-bit CPU kernel is unavailable: {why}")
     if not forms:
         return
     if y.dtype != torch.float32 or y.dim() != 2 or y.stride(1) != 1:

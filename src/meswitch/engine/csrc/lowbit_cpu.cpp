@@ -1,4 +1,9 @@
-// Low-bit delta SGMV for x86 CPUs with AVX512-VNNI: y[s:t] += x[s:t] @ delta_e^T for each segment.
+// Low-bit delta SGMV for x86 CPUs: y[s:t] += x[s:t] @ delta_e^T for each segment.
+//
+// Compiled once per instruction set (meswitch/engine/lowbit_cpu.py picks what the CPU has): with
+// AVX512-VNNI, vpdpbusd multiplies 64 unsigned codes by 4 int8 activations per output lane in one
+// instruction; with AVX2 alone, vpmaddubsw + vpmaddwd compute the same int32 sums (no saturation:
+// two products of a code below 16 and an int8 fit int16) on 256-bit halves of the same tiles.
 //
 // Weights (meswitch/engine/lowbit_cpu.py builds them): the codes of one delta, unsigned, in
 // tiles of 16 output rows x 4 input columns (64 bytes, byte 4 * o + j = code[o][4 * q + j]: the
@@ -26,7 +31,6 @@
 namespace {
 
 constexpr int G = 64;   // input columns per activation scale
-constexpr int MR = 8;   // rows per register tile
 
 struct Rows {
   const int8_t* xq;  // [T, Kp]
@@ -34,6 +38,10 @@ struct Rows {
   const float* xsum; // [T]
   int64_t kp;
 };
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+constexpr int MR = 8;   // rows per register tile
 
 // acc[r] (16 outputs) = sum over the block's K of codes * x_hat for rows r0 .. r0 + NR.
 template <int BITS, int NR>
@@ -124,6 +132,103 @@ void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, in
     xsum[r] = total;
   }
 }
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+constexpr int MR = 4;   // rows per register tile: two 8-lane accumulators per row
+
+// acc[2r], acc[2r + 1] (outputs 0-7, 8-15) = sum over the block's K of codes * x_hat for rows r0 .. r0 + NR.
+template <int BITS, int NR>
+inline void tile(const uint8_t* w, const Rows& x, int64_t r0, __m256* acc) {
+  constexpr int P = 8 / BITS;
+  constexpr int CHUNKS = G / (4 * P);
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t groups = x.kp / G;
+  for (int r = 0; r < 2 * NR; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i ai[2 * NR];
+    for (int r = 0; r < 2 * NR; ++r) ai[r] = _mm256_setzero_si256();
+    const int8_t* xg = x.xq + r0 * x.kp + g * G;
+    #pragma GCC unroll 16
+    for (int c = 0; c < CHUNKS; ++c) {
+      const uint8_t* chunk = w + (g * CHUNKS + c) * 64;
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + 32));
+      #pragma GCC unroll 8
+      for (int p = 0; p < P; ++p) {
+        const __m256i w0 = _mm256_and_si256(p == 0 ? v0 : _mm256_srli_epi16(v0, BITS * p), mask);
+        const __m256i w1 = _mm256_and_si256(p == 0 ? v1 : _mm256_srli_epi16(v1, BITS * p), mask);
+        const int q = (c * P + p) * 4;
+        #pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+          const __m256i xv = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(xg + r * x.kp + q));
+          ai[2 * r] = _mm256_add_epi32(ai[2 * r], _mm256_madd_epi16(_mm256_maddubs_epi16(w0, xv), ones));
+          ai[2 * r + 1] = _mm256_add_epi32(ai[2 * r + 1], _mm256_madd_epi16(_mm256_maddubs_epi16(w1, xv), ones));
+        }
+      }
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      const __m256 s = _mm256_set1_ps(x.xs[(r0 + r) * (x.kp / G) + g]);
+      acc[2 * r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[2 * r]), s, acc[2 * r]);
+      acc[2 * r + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[2 * r + 1]), s, acc[2 * r + 1]);
+    }
+  }
+}
+
+template <int BITS>
+void rows_block(const uint8_t* w, const Rows& x, int64_t r0, int64_t r1, const float* s, const float* z,
+                int64_t o, int64_t out, float* y, int64_t ldy) {
+  const int64_t width = std::min<int64_t>(16, out - o);
+  __m256 acc[2 * MR];
+  alignas(32) float part[16];
+  for (int64_t r = r0; r < r1; r += MR) {
+    const int64_t n = std::min<int64_t>(MR, r1 - r);
+    switch (n) {
+      case 1: tile<BITS, 1>(w, x, r, acc); break;
+      case 2: tile<BITS, 2>(w, x, r, acc); break;
+      case 3: tile<BITS, 3>(w, x, r, acc); break;
+      default: tile<BITS, 4>(w, x, r, acc); break;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      _mm256_store_ps(part, acc[2 * i]);
+      _mm256_store_ps(part + 8, acc[2 * i + 1]);
+      float* yr = y + (r + i) * ldy + o;
+      const float xsum = x.xsum[r + i];
+      for (int64_t j = 0; j < width; ++j) yr[j] += s[o + j] * part[j] + z[o + j] * xsum;
+    }
+  }
+}
+
+// x: float [T, in] -> xq: int8 [T, Kp] (zero padded), xs: float [T, Kp / G], xsum: float [T].
+void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, int8_t* xq, float* xs, float* xsum) {
+  const int64_t groups = kp / G;
+  for (int64_t r = 0; r < T; ++r) {
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * G, n = std::max<int64_t>(0, std::min<int64_t>(G, in - k0));
+      const float* xr = x + r * ldx + k0;
+      float a = 0.f;
+      for (int64_t k = 0; k < n; ++k) a = std::max(a, std::fabs(xr[k]));
+      const float inv = a > 0.f ? 127.f / a : 0.f;
+      int32_t qsum = 0;
+      for (int64_t k = 0; k < G; ++k) {
+        const int32_t q = k < n ? static_cast<int32_t>(std::nearbyint(xr[k] * inv)) : 0;  // to nearest even
+        xq[r * kp + k0 + k] = static_cast<int8_t>(q);
+        qsum += q;
+      }
+      const float scale = a > 0.f ? a / 127.f : 0.f;
+      xs[r * groups + g] = scale;
+      total += scale * static_cast<float>(qsum);
+    }
+    xsum[r] = total;
+  }
+}
+
+#else
+#error "the low-bit CPU kernel needs AVX512-VNNI or AVX2 with FMA"
+#endif
 
 }  // namespace
 
