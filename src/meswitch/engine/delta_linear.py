@@ -71,8 +71,9 @@ class PackedDelta:
     ``scale: float32 [out]`` (``[1]`` for bitdelta), ``zero: float32 [out] | None`` (asymmetric grid),
     ``salient_idx: int64 [k]``, ``salient_cols: float32 [out, k]``, ``rest_idx: int64 [in - k]``
     (the quantized columns, ascending), ``shape = (out, in)``. Optionally resident beside the
-    packed codes (:meth:`set_resident`): the unpacked codes as float32 ``[out, in - k]`` or the dense
-    delta ``[out, in]``.
+    packed codes (:meth:`set_resident`): the unpacked codes as float32 ``[out, in - k]``, the dense
+    delta ``[out, in]`` or the int4 kernel's form; or in their place, the low-bit kernel's layout
+    (``packed`` is then ``[out, 0]``: read the codes through :meth:`codes` or :meth:`stored_codes`).
     """
 
     packed: Tensor
@@ -173,7 +174,8 @@ class PackedDelta:
 
     @property
     def resident(self) -> Resident:
-        """What is cached beside the packed codes: ``"lowbit"``, ``"int4"``, ``"dense"``, ``"codes"`` or None."""
+        """What is resident for speed: ``"lowbit"`` (in place of the packed codes), ``"int4"``, ``"dense"`` or
+        ``"codes"`` (beside them) or None."""
         if self.fused is not None:
             from meswitch.engine.lowbit_cpu import LowbitDelta
 
@@ -237,17 +239,15 @@ class PackedDelta:
         elif what in ("int4", "lowbit"):
             from meswitch.engine import int4, lowbit_cpu
 
-            fused = None
             if what == "lowbit" and self.col_scale is None:
-                fused = lowbit_cpu.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape)
-                if fused is not None:
-                    object.__setattr__(self, "_fused", fused)
+                low = lowbit_cpu.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape)
+                if low is not None:
+                    object.__setattr__(self, "_fused", low)
                     object.__setattr__(self, "_codes_in_fused", True)
                     object.__setattr__(self, "packed", self.packed.new_empty(self.shape[0], 0))
                     return self
-            if fused is None:
-                fused = int4.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape,
-                                   self.col_scale)
+            fused = int4.build(self.codes(), self.rest_idx, self.scale, self.zero, self.bits, self.shape,
+                               self.col_scale)
             object.__setattr__(self, "_fused", fused)
         return self
 

@@ -14,9 +14,10 @@ row belongs to one expert that has it, one matmul with a cached merged weight ``
 On CUDA with Triton, a mixed batch's packed deltas go through one kernel launch per layer that reads
 the stored codes directly (:mod:`~meswitch.engine.sgmv_triton`); other deltas keep the PyTorch path.
 On CPU, a sorted step gives every expert's low-bit delta its slice of rows in one call of the
-VNNI kernel (:mod:`~meswitch.engine.lowbit_cpu`); int4 deltas (:mod:`~meswitch.engine.int4`, where
-that kernel is unavailable or a delta has salient columns) take one call per expert on the rows
-converted to bf16 once per layer.
+low-bit kernel (:mod:`~meswitch.engine.lowbit_cpu`); int4 deltas (:mod:`~meswitch.engine.int4`,
+where that kernel is unavailable, and sign2d's) take one call per expert on the rows converted to
+bf16 once per layer. Deltas with salient columns take one call per expert as well, their fp16
+columns beside it (:meth:`~meswitch.engine.delta_linear.PackedDelta.matmul`).
 
 :class:`SharedInputLinears` runs layers that read one input (q/k/v, gate/up) as one: a stacked
 base weight (the layers' parameters become views of it) and each expert's deltas stacked, so that

@@ -1,4 +1,4 @@
-"""A CPU kernel for mixed batches that reads 1-, 2- or 4-bit delta codes: int8 dot products (AVX512-VNNI).
+"""A CPU kernel for mixed batches that reads 1-, 2- or 4-bit delta codes: int8 dot products (AVX512-VNNI or AVX2).
 
 One call per layer computes every expert's delta on its rows (Punica's SGMV, for quantized
 full-rank deltas on a CPU)::
@@ -8,9 +8,9 @@ full-rank deltas on a CPU)::
 ``x_hat`` is ``x`` quantized to int8 per row and per :data:`GROUP` input columns (absmax / 127),
 so the delta term is approximate to about 8 bits, as the int4 path's bf16 activations are; the
 codes, step sizes and zero terms are exact. The codes stay low-bit in memory (3-bit codes take
-4-bit slots): ``bits / 8`` bytes per weight, a quarter of PyTorch's int4 layout at 2 bits, and
-the kernel multiplies 64 codes by 4 activations per instruction (``vpdpbusd``) with any number of
-rows, where ``torch._weight_int4pack_mm_for_cpu`` charges 5 to 8 rows as 8 (docs/engine.md).
+4-bit slots): ``bits / 8`` bytes per weight, half of PyTorch's int4 layout at 2 bits and a quarter
+at 1 bit, and the kernel multiplies 64 codes by 4 activations per instruction (``vpdpbusd``) with
+any number of rows, where ``torch._weight_int4pack_mm_for_cpu`` charges 5 to 8 rows as 8 (docs/engine.md).
 
 The C++ source (``csrc/lowbit_cpu.cpp``) is compiled on first use by
 :func:`torch.utils.cpp_extension.load` (about 30 s, then cached under the meswitch cache), for the
