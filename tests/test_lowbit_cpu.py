@@ -14,7 +14,7 @@ import torch
 from meswitch.compress.codec import decode_delta
 from meswitch.engine import lowbit_cpu
 from meswitch.engine.delta_linear import PackedDelta
-from meswitch.engine.layers import ExpertLinear
+from meswitch.engine.layers import ExpertLinear, SharedInputLinears
 from meswitch.engine.segments import Segments
 from tests.test_delta_linear import SCHEME_IDS, SCHEMES, encoded, gen, rel_close
 
@@ -135,21 +135,22 @@ def test_bad_calls_are_refused_with_what_was_wrong():
 
 
 @needs_kernel
-def test_concat_is_the_parts_side_by_side_and_holds_the_codes_once():
-    parts = [lowbit_cpu.build(codes_of(o, 128, 2, seed=o), torch.arange(128), torch.rand(o, generator=gen(o)), None,
-                              2, (o, 128)) for o in (64, 32, 40)]
-    stacked, views = lowbit_cpu.concat(parts)
+def test_layers_of_one_input_are_one_call_on_their_own_columns_whatever_their_bits():
+    """q/k/v-like: three deltas of different widths and bits write their columns of one output."""
+    parts = [lowbit_cpu.build(codes_of(o, 128, b, seed=o), torch.arange(128), torch.rand(o, generator=gen(o)), None,
+                              b, (o, 128)) for o, b in ((64, 1), (40, 3), (32, 2))]
     x = torch.randn(6, 128, generator=gen(9))
     y = torch.zeros(6, 136)
-    lowbit_cpu.sgmv(x, y, [(stacked, 0, 6)])
-    assert torch.equal(y, torch.cat([p.matmul(x) for p in parts], 1))
-    for v, p in zip(views, parts, strict=True):
-        assert v.packed.untyped_storage().data_ptr() == stacked.packed.untyped_storage().data_ptr()
-        assert torch.equal(v.matmul(x), p.matmul(x))
-    # a part whose rows end inside a tile of 16 can only come last; mixed layouts never stack
-    assert lowbit_cpu.concat([parts[2], parts[0]]) is None
-    four = lowbit_cpu.build(codes_of(32, 128, 3, 1), torch.arange(128), torch.rand(32), None, 3, (32, 128))
-    assert lowbit_cpu.concat([parts[0], four]) is None
+    lowbit_cpu.sgmv(x, y, [(parts[0], 0, 3, 0), (parts[1], 0, 3, 64), (parts[2], 0, 3, 104),
+                           (parts[0], 3, 6, 0), (parts[2], 3, 6, 104)])  # rows 3-5 have no delta in columns 64-103
+    want = torch.cat([p.matmul(x) for p in parts], 1)
+    assert torch.equal(y[:3], want[:3])
+    assert torch.equal(y[3:, :64], want[3:, :64]) and torch.equal(y[3:, 104:], want[3:, 104:])
+    assert not y[3:, 64:104].any()
+    with pytest.raises(RuntimeError, match="overlap in rows and columns"):  # they would race in parallel
+        lowbit_cpu.sgmv(x, y, [(parts[0], 0, 4, 0), (parts[0], 3, 6, 32)])
+    with pytest.raises(RuntimeError, match=r"columns \[120, 160\) out of range"):
+        lowbit_cpu.sgmv(x, y, [(parts[1], 0, 6, 120)])
 
 
 @needs_kernel
@@ -233,3 +234,27 @@ def test_the_environment_picks_or_disables_the_build(monkeypatch):
         pd = PackedDelta.from_fields(fields, meta, resident="lowbit")
         x = torch.randn(3, 128, generator=gen(6))
         rel_close(pd.matmul(x), x @ decode_delta(fields, meta).T, tol=2e-2)
+
+
+@needs_kernel
+def test_a_group_of_mixed_bit_layers_is_one_call_for_every_expert(monkeypatch):
+    """The gptq-mixed store gives q, k and v of one expert different bits: still one call per group and step."""
+    torch.manual_seed(1)
+    bases = [torch.nn.Linear(128, o) for o in (64, 32, 32)]
+    mods, dense = [ExpertLinear(b) for b in bases], {}
+    for j, m in enumerate(mods):
+        for e in range(3):
+            fields, meta = encoded(("rtn", 1 + (j + e) % 3, 0, True), seed=10 * j + e, out=bases[j].out_features, n=128)
+            m.deltas[e] = PackedDelta.from_fields(fields, meta, resident="lowbit")
+            dense[j, e] = decode_delta(fields, meta)
+    shared = SharedInputLinears(mods)
+    calls = []
+    real = lowbit_cpu.sgmv
+    monkeypatch.setattr(lowbit_cpu, "sgmv", lambda x, y, forms: (calls.append(len(forms)), real(x, y, forms)))
+    ids = [-1, 0, 0, 1, 2, 2]
+    x = torch.randn(len(ids), 128, generator=gen(8))
+    got = shared(x, Segments.from_ids(ids))
+    assert calls == [9]  # 3 experts x 3 layers
+    for j, b in enumerate(bases):
+        want = torch.stack([x[i] @ (b.weight + (dense[j, e] if e >= 0 else 0)).T + b.bias for i, e in enumerate(ids)])
+        rel_close(got[j], want.detach(), tol=2e-2)

@@ -116,7 +116,8 @@ def test_stacked_delta_follows_its_experts(resident):
     x = torch.randn(len(ids), IN, generator=gen(4))
     segments = Segments.from_ids(ids)
     shared(x, segments)
-    assert set(mods[0].fused) == {0, 1, 2}
+    if resident == "int4":  # int4 deltas are stacked per expert; low-bit ones need no stacked copy
+        assert set(mods[0].fused) == {0, 1, 2}
     # expert 1 reloaded with another delta in one layer: the stacked form is rebuilt from it
     fields, meta = encoded(("rtn", 3, 0, True), seed=77, out=OUTS[2], n=IN)
     mods[2].deltas[1] = PackedDelta.from_fields(fields, meta, resident=resident)

@@ -133,29 +133,26 @@ class ExpertLinear(nn.Module):
             sgmv_triton.add_salient(x, segments, present, y)
             present = {e: d for e, d in present.items() if not sgmv_triton.supports(d)}
         elif segments.is_sorted:  # the engine's steps: each expert's rows are one slice
-            left = _add_fused_rows(x, segments, lambda e: _unit_fused(present.get(e)), y)
+            left = _add_fused_rows(x, segments, lambda e: _whole(_unit_fused(present.get(e))), y)
             present = {e: present[e] for e in left if e in present}
         if present:
             delta_matmul(x, _restrict(segments, present), present, y)
 
-    def fused_with(self, e: int, mods: Sequence[ExpertLinear]) -> Fused | None:
-        """Expert ``e``'s fused deltas of ``mods`` (this layer first, all reading one input) stacked along ``out``.
+    def fused_with(self, e: int, mods: Sequence[ExpertLinear]) -> Int4Delta | None:
+        """Expert ``e``'s int4 deltas of ``mods`` (this layer first, all reading one input) stacked along ``out``.
 
         Built on first use and kept on this layer (so that dropping the expert here frees it) until
-        the expert is dropped or any of its deltas is replaced; the layers' own fused forms become
-        views of it, so the codes are held once. None unless every layer holds a unit-scale fused
-        delta of ``e``, all of one kind.
+        the expert is dropped or any of its deltas is replaced; the layers' own int4 forms become
+        views of it, so the codes are held once. None unless every layer holds a unit-scale int4
+        delta of ``e``. (Low-bit deltas need no stacking: one kernel call takes each layer's
+        columns as its own form.)
         """
         parts = tuple(m.deltas.get(e) for m in mods)
         hit = self.fused.get(e)
         if hit is not None and _same_objects(hit[0], parts):
             return hit[1]
         forms = [_unit_fused(d) for d in parts]
-        stacked: tuple[Fused, Sequence[Fused]] | None = None
-        if all(isinstance(f, LowbitDelta) for f in forms):
-            stacked = lowbit_cpu.concat(forms)  # type: ignore[arg-type]
-        elif all(isinstance(f, Int4Delta) for f in forms):
-            stacked = int4.concat(forms)  # type: ignore[arg-type]
+        stacked = int4.concat(forms) if all(isinstance(f, Int4Delta) for f in forms) else None  # type: ignore[arg-type]
         if stacked is None:
             self.fused[e] = (parts, None)
             return None
@@ -177,9 +174,10 @@ class SharedInputLinears(nn.Module):
 
     The layers' base weights (and biases) are stacked into one ``[sum out, in]`` tensor and the
     layers' own parameters become views of it, so the base is held once and a step makes one base
-    matmul for the group. On a sorted CPU step each expert's fused deltas of all the layers are
-    stacked (:meth:`ExpertLinear.fused_with`), and added to the stacked output by one kernel call
-    (low-bit forms: one for all experts) or one per expert (int4 forms). Batches of one
+    matmul for the group. On a sorted CPU step the low-bit deltas of every layer and expert are one
+    kernel call (each layer's delta on its columns of the stacked output, each expert's on its
+    rows, whatever their bits); int4 deltas are stacked per expert (:meth:`ExpertLinear.fused_with`)
+    and take one call per expert. Batches of one
     merged expert, CUDA steps and weights that were moved or replaced since take the layers one by one.
     """
 
@@ -187,6 +185,7 @@ class SharedInputLinears(nn.Module):
         super().__init__()
         self._layers = tuple(layers)  # not registered: they stay the decoder layer's submodules
         self.widths = [m.shape[0] for m in layers]
+        self._columns = [sum(self.widths[:j]) for j in range(len(layers))]  # each layer's first output column
         bases = [m.base for m in layers]
         w0 = bases[0].weight
         self.weight: Tensor | None = None
@@ -222,10 +221,7 @@ class SharedInputLinears(nn.Module):
         y = F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
         if single is not None and (single < 0 or all(single not in m.deltas for m in layers)):
             return list(y.split(self.widths, 1))
-        if segments.is_sorted:
-            rest = _add_fused_rows(x, segments, lambda e: layers[0].fused_with(e, layers) if e >= 0 else None, y)
-        else:
-            rest = list(segments.experts)
+        rest = _add_fused_rows(x, segments, self._pieces, y) if segments.is_sorted else list(segments.experts)
         ys = list(y.split(self.widths, 1))
         if any(e >= 0 for e in rest):
             only = _restrict(segments, rest)
@@ -234,23 +230,42 @@ class SharedInputLinears(nn.Module):
         return ys
 
 
-def _add_fused_rows(x: Tensor, segments: Segments, form: Callable[[int], Fused | None], y: Tensor) -> list[int]:
-    """Sorted step: ``y[s:t] += x[s:t] @ form(e)^T`` for each segment whose expert has a fused form.
+    def _pieces(self, e: int) -> list[tuple[Fused, int]] | None:
+        """Expert ``e``'s whole delta for the group as fused forms and their first output column, or None."""
+        if e < 0:
+            return None
+        forms = [_unit_fused(m.deltas.get(e)) for m in self._layers]
+        if all(isinstance(f, LowbitDelta) for f in forms):
+            return list(zip(forms, self._columns, strict=True))  # type: ignore[arg-type]
+        return _whole(self._layers[0].fused_with(e, self._layers))
 
-    ``x: [T, in]``, ``y: [T, out]``. Low-bit forms go through one kernel call for all their
-    segments; int4 forms through one call each on the rows converted to bf16 once. Returns the
-    experts (``-1`` included) whose segments were left for another path.
+
+def _whole(form: Fused | None) -> list[tuple[Fused, int]] | None:
+    """A layer's whole delta as one piece starting at output column 0 (None stays None)."""
+    return None if form is None else [(form, 0)]
+
+
+def _add_fused_rows(x: Tensor, segments: Segments, pieces: Callable[[int], list[tuple[Fused, int]] | None],
+                    y: Tensor) -> list[int]:
+    """Sorted step: ``y[s:t, c:c + out_f] += x[s:t] @ f^T`` for each ``(f, c)`` in ``pieces(e)`` of each segment.
+
+    ``x: [T, in]``, ``y: [T, N]``. Low-bit forms go through one kernel call for all segments and
+    pieces; int4 forms through one call each on the rows converted to bf16 once. Returns the
+    experts (``-1`` included) whose segments were left for another path (``pieces(e)`` None).
     """
     xb, left, low = None, [], []
     for e, s, t in segments:
-        fused = form(e)
-        if fused is None:
+        got = pieces(e)
+        if got is None:
             left.append(e)
-        elif isinstance(fused, LowbitDelta):
-            low.append((fused, s, t))
-        else:
-            xb = x.to(torch.bfloat16) if xb is None else xb
-            y[s:t].add_(fused.mm(xb[s:t]))  # in place on the view: `y[s:t] += ...` would copy it back too
+            continue
+        for fused, col in got:
+            if isinstance(fused, LowbitDelta):
+                low.append((fused, s, t, col))
+            else:
+                xb = x.to(torch.bfloat16) if xb is None else xb
+                # in place on the view: `y[...] += ...` would copy it back too
+                y[s:t, col : col + fused.out_features].add_(fused.mm(xb[s:t]))
     if low:
         if y.dtype == torch.float32 and y.stride(1) == 1:
             lowbit_cpu.sgmv(x, y, low)

@@ -30,7 +30,8 @@ import functools
 import logging
 import os
 import platform
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -212,38 +213,18 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
     return LowbitDelta(layout(codes, lb), s, z.contiguous(), lb, (out, n), salient)
 
 
-def concat(parts: list[LowbitDelta]) -> tuple[LowbitDelta, list[LowbitDelta]] | None:
-    """Deltas of layers reading one input (q/k/v, gate/up) stacked along ``out`` for one call.
-
-    Returns the stacked delta and the parts rebuilt over views of its tensors (held once), or None
-    unless all parts share ``in`` and layout bits and every part but the last fills whole tiles of
-    :data:`BLOCK` rows.
-    """
-    if not parts or any(not p.unit_scale or p.bits != parts[0].bits or p.shape[1] != parts[0].shape[1]
-                        for p in parts):
-        return None
-    if any(p.shape[0] % BLOCK for p in parts[:-1]):
-        return None
-    packed = torch.cat([p.packed for p in parts])
-    scale, zero = torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts])
-    out = sum(p.shape[0] for p in parts)
-    fused = LowbitDelta(packed, scale, zero, parts[0].bits, (out, parts[0].shape[1]))
-    views, row = [], 0
-    for p in parts:
-        o = p.shape[0]
-        b = row // BLOCK
-        views.append(replace(p, packed=packed[b : b + p.packed.shape[0]], scale=scale[row : row + o],
-                             zero=zero[row : row + o]))
-        row += o
-    return fused, views
+Form = tuple[LowbitDelta, int, int] | tuple[LowbitDelta, int, int, int]  # (delta, start, end[, column])
 
 
-def sgmv(x: Tensor, y: Tensor, forms: list[tuple[LowbitDelta, int, int]], isa: str | None = None) -> None:
-    """``y[s:t] += x_hat[s:t] @ delta^T`` for each ``(delta, s, t)`` in one call (module docstring).
+def sgmv(x: Tensor, y: Tensor, forms: Sequence[Form], isa: str | None = None) -> None:
+    """``y[s:t, c:c + out] += x_hat[s:t] @ delta^T`` for each ``(delta, s, t[, c])`` in one call
+    (module docstring; ``c`` defaults to 0).
 
-    ``x: float32 [T, in]``, ``y: float32 [T, out]`` (both with unit column stride; ``y`` may be a
-    column slice of a wider output). ``isa``: a build of :data:`ISAS` (None: the one in use).
-    Raises RuntimeError if the kernel is unavailable.
+    ``x: float32 [T, in]``, ``y: float32 [T, N]`` (both with unit column stride; ``y`` may be a
+    column slice of a wider output). The forms' (rows, columns) regions must not overlap: the
+    deltas of different experts take their own rows, the layers of a group (q/k/v) their own
+    columns. ``isa``: a build of :data:`ISAS` (None: the one in use). Raises RuntimeError if the
+    kernel is unavailable or the forms do not fit ``x`` and ``y``.
     """
     mod, why = _extension() if isa is None else _build(isa)
     if mod is None:
@@ -254,8 +235,9 @@ def sgmv(x: Tensor, y: Tensor, forms: list[tuple[LowbitDelta, int, int]], isa: s
         raise ValueError(f"y must be float32 [T, out] with unit column stride, got {y.dtype} {tuple(y.shape)}")
     if x.dtype != torch.float32 or x.stride(1) != 1:
         x = x.float().contiguous()
-    mod.sgmv(x, y, [f.packed for f, _, _ in forms], [f.scale for f, _, _ in forms], [f.zero for f, _, _ in forms],
-             [f.bits for f, _, _ in forms], [s for _, s, _ in forms], [t for _, _, t in forms])
+    ds = [f[0] for f in forms]
+    mod.sgmv(x, y, [d.packed for d in ds], [d.scale for d in ds], [d.zero for d in ds], [d.bits for d in ds],
+             [f[1] for f in forms], [f[2] for f in forms], [f[3] if len(f) > 3 else 0 for f in forms])
 
 
 def quantize_reference(x: Tensor) -> Tensor:

@@ -232,30 +232,43 @@ void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, in
 
 }  // namespace
 
-// x: float [T, in] (unit column stride); y: float [T, out] (unit column stride), accumulated.
-// For each form i: rows [starts[i], ends[i]) get packed[i] (uint8 [NB, Kp / (4 * P), 64] at
-// bits[i] in {1, 2, 4}) with scale[i], zero[i] (float [out]).
+// x: float [T, in] (unit column stride); y: float [T, N] (unit column stride), accumulated.
+// Form i: rows [starts[i], ends[i]) and columns [cols[i], cols[i] + out_i) of y get packed[i]
+// (uint8 [ceil(out_i / 16), Kp / (4 * P), 64] at bits[i] in {1, 2, 4}) with scale[i], zero[i]
+// (float [out_i]). Forms may not overlap in both rows and columns (their work runs in parallel).
 void sgmv(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale,
           std::vector<torch::Tensor> zero, std::vector<int64_t> bits, std::vector<int64_t> starts,
-          std::vector<int64_t> ends) {
+          std::vector<int64_t> ends, std::vector<int64_t> cols) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.stride(1) == 1, "x must be float [T, in], unit column stride");
   TORCH_CHECK(y.dim() == 2 && y.scalar_type() == torch::kFloat && y.stride(1) == 1 && y.size(0) == x.size(0),
-              "y must be float [T, out], unit column stride, as many rows as x");
+              "y must be float [T, N], unit column stride, as many rows as x");
   const size_t F = packed.size();
-  TORCH_CHECK(scale.size() == F && zero.size() == F && bits.size() == F && starts.size() == F && ends.size() == F,
-              "one scale, zero, bits, start and end per packed delta");
-  const int64_t T = x.size(0), in = x.size(1), out = y.size(1), kp = (in + G - 1) / G * G, nb = (out + 15) / 16;
+  TORCH_CHECK(scale.size() == F && zero.size() == F && bits.size() == F && starts.size() == F && ends.size() == F &&
+              cols.size() == F, "one scale, zero, bits, start, end and column per packed delta");
+  const int64_t T = x.size(0), in = x.size(1), kp = (in + G - 1) / G * G;
+  std::vector<int64_t> outs(F);
   for (size_t i = 0; i < F; ++i) {
-    const int64_t P = 8 / bits[i];
+    const int64_t out = scale[i].numel(), nb = (out + 15) / 16;
     TORCH_CHECK(bits[i] == 1 || bits[i] == 2 || bits[i] == 4, "bits must be 1, 2 or 4, got ", bits[i]);
+    const int64_t P = 8 / bits[i];
     TORCH_CHECK(packed[i].scalar_type() == torch::kUInt8 && packed[i].is_contiguous() && packed[i].dim() == 3 &&
                 packed[i].size(0) == nb && packed[i].size(1) == kp / (4 * P) && packed[i].size(2) == 64,
                 "packed delta ", i, " must be contiguous uint8 [", nb, ", ", kp / (4 * P), ", 64], got ", packed[i].sizes());
-    TORCH_CHECK(scale[i].numel() == out && zero[i].numel() == out && scale[i].scalar_type() == torch::kFloat &&
-                zero[i].scalar_type() == torch::kFloat && scale[i].is_contiguous() && zero[i].is_contiguous(),
-                "scale and zero must be contiguous float [out]");
+    TORCH_CHECK(zero[i].numel() == out && scale[i].scalar_type() == torch::kFloat && zero[i].scalar_type() == torch::kFloat &&
+                scale[i].is_contiguous() && zero[i].is_contiguous(), "scale and zero must be contiguous float [out]");
     TORCH_CHECK(0 <= starts[i] && starts[i] <= ends[i] && ends[i] <= T, "rows [", starts[i], ", ", ends[i], ") out of range");
+    TORCH_CHECK(0 <= cols[i] && cols[i] + out <= y.size(1), "columns [", cols[i], ", ", cols[i] + out, ") out of range");
+    outs[i] = out;
   }
+  std::vector<size_t> live;
+  for (size_t i = 0; i < F; ++i)
+    if (ends[i] > starts[i]) live.push_back(i);
+  for (size_t a = 0; a < live.size(); ++a)
+    for (size_t b = a + 1; b < live.size(); ++b) {
+      const size_t i = live[a], j = live[b];
+      TORCH_CHECK(ends[i] <= starts[j] || ends[j] <= starts[i] || cols[i] + outs[i] <= cols[j] ||
+                  cols[j] + outs[j] <= cols[i], "packed deltas ", i, " and ", j, " overlap in rows and columns");
+    }
   auto xq = torch::empty({T, kp}, torch::kInt8);
   auto xs = torch::empty({T, kp / G}, torch::kFloat);
   auto xsum = torch::empty({T}, torch::kFloat);
@@ -263,27 +276,28 @@ void sgmv(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> packed, s
   const Rows rows{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xsum.data_ptr<float>(), kp};
   float* Y = y.data_ptr<float>();
   const int64_t ldy = y.stride(0);
-  std::vector<size_t> live;
-  for (size_t i = 0; i < F; ++i)
-    if (ends[i] > starts[i]) live.push_back(i);
-  const int64_t items = static_cast<int64_t>(live.size()) * nb;
-  at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) {
+  std::vector<int64_t> first{0};  // work items (form, block of 16 outputs): form live[f] owns [first[f], first[f + 1])
+  for (size_t i : live) first.push_back(first.back() + (outs[i] + 15) / 16);
+  at::parallel_for(0, first.back(), 1, [&](int64_t a, int64_t b) {
+    size_t f = std::upper_bound(first.begin(), first.end(), a) - first.begin() - 1;
     for (int64_t it = a; it < b; ++it) {
-      const size_t i = live[it / nb];
-      const int64_t ob = it % nb;
+      while (it >= first[f + 1]) ++f;
+      const size_t i = live[f];
+      const int64_t ob = it - first[f];
       const uint8_t* w = packed[i].data_ptr<uint8_t>() + ob * packed[i].size(1) * 64;
       const float* s = scale[i].data_ptr<float>();
       const float* z = zero[i].data_ptr<float>();
+      float* Yi = Y + cols[i];
       switch (bits[i]) {
-        case 1: rows_block<1>(w, rows, starts[i], ends[i], s, z, ob * 16, out, Y, ldy); break;
-        case 2: rows_block<2>(w, rows, starts[i], ends[i], s, z, ob * 16, out, Y, ldy); break;
-        default: rows_block<4>(w, rows, starts[i], ends[i], s, z, ob * 16, out, Y, ldy); break;
+        case 1: rows_block<1>(w, rows, starts[i], ends[i], s, z, ob * 16, outs[i], Yi, ldy); break;
+        case 2: rows_block<2>(w, rows, starts[i], ends[i], s, z, ob * 16, outs[i], Yi, ldy); break;
+        default: rows_block<4>(w, rows, starts[i], ends[i], s, z, ob * 16, outs[i], Yi, ldy); break;
       }
     }
   });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sgmv", &sgmv, "y[s:t] += x[s:t] @ delta^T for low-bit deltas in the VNNI tile layout (lowbit_cpu.py)",
+  m.def("sgmv", &sgmv, "y[s:t, c:c+out] += x[s:t] @ delta^T for low-bit deltas in the tile layout (lowbit_cpu.py)",
         py::call_guard<py::gil_scoped_release>());
 }
