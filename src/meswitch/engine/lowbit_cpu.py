@@ -91,26 +91,28 @@ def _build(isa: str) -> tuple[object | None, str | None]:
 
 
 def _extension() -> tuple[object | None, str | None]:
-    """The kernel the engine uses: ``MESWITCH_LOWBIT_CPU`` = ``0`` (off), an ISA name, or unset (the best).
-
-    Called on every kernel call: the choice is cached per value of the variable.
-    """
-    return _select(os.environ.get("MESWITCH_LOWBIT_CPU", ""))
+    """The kernel the engine uses and why there is none: ``MESWITCH_LOWBIT_CPU`` = ``0`` (off), an ISA
+    name, or unset (the best this CPU has). Called on every kernel call: the choice is cached per
+    value of the variable."""
+    return _select(os.environ.get("MESWITCH_LOWBIT_CPU", ""))[:2]
 
 
 @functools.cache
-def _select(want: str) -> tuple[object | None, str | None]:
+def _select(want: str) -> tuple[object | None, str | None, str | None]:
+    """(module, why none, its ISA) for a value of ``MESWITCH_LOWBIT_CPU``."""
     if want == "0":
-        return None, "disabled by MESWITCH_LOWBIT_CPU=0"
+        return None, "disabled by MESWITCH_LOWBIT_CPU=0", None
     if want:
-        return _build(want) if want in ISAS else (None, f"MESWITCH_LOWBIT_CPU={want!r}: not one of {list(ISAS)} or 0")
+        if want not in ISAS:
+            return None, f"MESWITCH_LOWBIT_CPU={want!r}: not one of {list(ISAS)} or 0", None
+        return (*_build(want), want)
     reasons = []
     for isa in supported_isas():
         mod, why = _build(isa)
         if mod is not None:
-            return mod, None
+            return mod, None, isa
         reasons.append(f"{isa}: {why}")
-    return None, "; ".join(reasons) or f"no supported instruction set ({', '.join(ISAS)}) on this CPU"
+    return None, "; ".join(reasons) or f"no supported instruction set ({', '.join(ISAS)}) on this CPU", None
 
 
 def available() -> bool:
@@ -125,8 +127,8 @@ def unavailable_reason() -> str | None:
 
 def isa() -> str | None:
     """The instruction set of the kernel in use (None: unavailable)."""
-    mod = _extension()[0]
-    return next((name for name in ISAS if mod is not None and _build(name)[0] is mod), None)
+    mod, _, name = _select(os.environ.get("MESWITCH_LOWBIT_CPU", ""))
+    return name if mod is not None else None
 
 
 @dataclass(frozen=True, eq=False)

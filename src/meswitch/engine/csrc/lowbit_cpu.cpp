@@ -39,13 +39,28 @@ struct Rows {
   int64_t kp;
 };
 
+// Each instruction set below defines tile<BITS, NR>(w, x, r0, acc): the dot products of one block
+// of 16 outputs with rows r0 .. r0 + NR, compiled for NR = 1 .. MR. Forced inline: called, the
+// accumulators would live in memory (vector types may alias anything) and the kernel runs ~1.7x slower.
+template <int BITS, int NR, typename Acc>
+inline void tile(const uint8_t* w, const Rows& x, int64_t r0, Acc* acc);
+
+// tile<BITS, n> for a run-time n in 1 .. NR.
+template <int BITS, int NR, typename Acc>
+__attribute__((always_inline)) inline void tile_rows(int64_t n, const uint8_t* w, const Rows& x, int64_t r0, Acc* acc) {
+  if constexpr (NR > 1) {
+    if (n < NR) return tile_rows<BITS, NR - 1>(n, w, x, r0, acc);
+  }
+  tile<BITS, NR>(w, x, r0, acc);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 
 constexpr int MR = 8;   // rows per register tile
 
 // acc[r] (16 outputs) = sum over the block's K of codes * x_hat for rows r0 .. r0 + NR.
-template <int BITS, int NR>
-inline void tile(const uint8_t* w, const Rows& x, int64_t r0, __m512* acc) {
+template <int BITS, int NR, typename Acc>
+__attribute__((always_inline)) inline void tile(const uint8_t* w, const Rows& x, int64_t r0, Acc* acc) {  // Acc = __m512
   constexpr int P = 8 / BITS;
   constexpr int CHUNKS = G / (4 * P);  // 64-byte chunks per activation group
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
@@ -84,16 +99,7 @@ void rows_block(const uint8_t* w, const Rows& x, int64_t r0, int64_t r1, const f
   __m512 acc[MR];
   for (int64_t r = r0; r < r1; r += MR) {
     const int64_t n = std::min<int64_t>(MR, r1 - r);
-    switch (n) {
-      case 1: tile<BITS, 1>(w, x, r, acc); break;
-      case 2: tile<BITS, 2>(w, x, r, acc); break;
-      case 3: tile<BITS, 3>(w, x, r, acc); break;
-      case 4: tile<BITS, 4>(w, x, r, acc); break;
-      case 5: tile<BITS, 5>(w, x, r, acc); break;
-      case 6: tile<BITS, 6>(w, x, r, acc); break;
-      case 7: tile<BITS, 7>(w, x, r, acc); break;
-      default: tile<BITS, 8>(w, x, r, acc); break;
-    }
+    tile_rows<BITS, MR>(n, w, x, r, acc);
     for (int64_t i = 0; i < n; ++i) {
       float* yr = y + (r + i) * ldy + o;
       __m512 v = _mm512_fmadd_ps(sv, acc[i], _mm512_mul_ps(zv, _mm512_set1_ps(x.xsum[r + i])));
@@ -138,8 +144,8 @@ void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, in
 constexpr int MR = 4;   // rows per register tile: two 8-lane accumulators per row
 
 // acc[2r], acc[2r + 1] (outputs 0-7, 8-15) = sum over the block's K of codes * x_hat for rows r0 .. r0 + NR.
-template <int BITS, int NR>
-inline void tile(const uint8_t* w, const Rows& x, int64_t r0, __m256* acc) {
+template <int BITS, int NR, typename Acc>
+__attribute__((always_inline)) inline void tile(const uint8_t* w, const Rows& x, int64_t r0, Acc* acc) {  // Acc = __m256, two per row
   constexpr int P = 8 / BITS;
   constexpr int CHUNKS = G / (4 * P);
   const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
@@ -185,12 +191,7 @@ void rows_block(const uint8_t* w, const Rows& x, int64_t r0, int64_t r1, const f
   alignas(32) float part[16];
   for (int64_t r = r0; r < r1; r += MR) {
     const int64_t n = std::min<int64_t>(MR, r1 - r);
-    switch (n) {
-      case 1: tile<BITS, 1>(w, x, r, acc); break;
-      case 2: tile<BITS, 2>(w, x, r, acc); break;
-      case 3: tile<BITS, 3>(w, x, r, acc); break;
-      default: tile<BITS, 4>(w, x, r, acc); break;
-    }
+    tile_rows<BITS, MR>(n, w, x, r, acc);
     for (int64_t i = 0; i < n; ++i) {
       _mm256_store_ps(part, acc[2 * i]);
       _mm256_store_ps(part + 8, acc[2 * i + 1]);
