@@ -108,35 +108,26 @@ void rows_block(const uint8_t* w, const Rows& x, int64_t r0, int64_t r1, const f
   }
 }
 
-// x: float [T, in] -> xq: int8 [T, Kp] (zero padded), xs: float [T, Kp / G], xsum: float [T].
-void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, int8_t* xq, float* xs, float* xsum) {
-  const int64_t groups = kp / G;
-  for (int64_t r = 0; r < T; ++r) {
-    float total = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k0 = g * G, n = std::max<int64_t>(0, std::min<int64_t>(G, in - k0));
-      __m512 v[G / 16];
-      __m512 amax = _mm512_setzero_ps();
-      for (int j = 0; j < G / 16; ++j) {
-        const int64_t left = n - 16 * j;
-        const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
-        v[j] = _mm512_maskz_loadu_ps(m, x + r * ldx + k0 + 16 * j);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
-      }
-      const float a = _mm512_reduce_max_ps(amax);
-      const float scale = a > 0.f ? a / 127.f : 0.f;
-      const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
-      __m512i qsum = _mm512_setzero_si512();
-      for (int j = 0; j < G / 16; ++j) {
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  // round to nearest even
-        qsum = _mm512_add_epi32(qsum, q);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + r * kp + k0 + 16 * j), _mm512_cvtsepi32_epi8(q));
-      }
-      xs[r * groups + g] = scale;
-      total += scale * static_cast<float>(_mm512_reduce_add_epi32(qsum));
-    }
-    xsum[r] = total;
+// One group of n <= G activations xr -> q[0 .. G) (int8, zero padded), *scale (absmax / 127); returns sum(q).
+inline int32_t quantize_group(const float* xr, int64_t n, int8_t* q, float* scale) {
+  __m512 v[G / 16];
+  __m512 amax = _mm512_setzero_ps();
+  for (int j = 0; j < G / 16; ++j) {
+    const int64_t left = n - 16 * j;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+    v[j] = _mm512_maskz_loadu_ps(m, xr + 16 * j);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v[j]));
   }
+  const float a = _mm512_reduce_max_ps(amax);
+  *scale = a > 0.f ? a / 127.f : 0.f;
+  const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+  __m512i qsum = _mm512_setzero_si512();
+  for (int j = 0; j < G / 16; ++j) {
+    const __m512i qj = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], inv));  // round to nearest even
+    qsum = _mm512_add_epi32(qsum, qj);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), _mm512_cvtsepi32_epi8(qj));
+  }
+  return _mm512_reduce_add_epi32(qsum);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -202,34 +193,39 @@ void rows_block(const uint8_t* w, const Rows& x, int64_t r0, int64_t r1, const f
   }
 }
 
-// x: float [T, in] -> xq: int8 [T, Kp] (zero padded), xs: float [T, Kp / G], xsum: float [T].
+// One group of n <= G activations xr -> q[0 .. G) (int8, zero padded), *scale (absmax / 127); returns sum(q).
+inline int32_t quantize_group(const float* xr, int64_t n, int8_t* q, float* scale) {
+  float a = 0.f;
+  for (int64_t k = 0; k < n; ++k) a = std::max(a, std::fabs(xr[k]));
+  const float inv = a > 0.f ? 127.f / a : 0.f;
+  int32_t qsum = 0;
+  for (int64_t k = 0; k < G; ++k) {
+    const int32_t qk = k < n ? static_cast<int32_t>(std::nearbyint(xr[k] * inv)) : 0;  // to nearest even
+    q[k] = static_cast<int8_t>(qk);
+    qsum += qk;
+  }
+  *scale = a > 0.f ? a / 127.f : 0.f;
+  return qsum;
+}
+
+#else
+#error "the low-bit CPU kernel needs AVX512-VNNI or AVX2 with FMA"
+#endif
+
+// x: float [T, in] -> xq: int8 [T, Kp] (zero padded), xs: float [T, Kp / G], xsum: float [T] (sum of x_hat).
 void quantize(const float* x, int64_t T, int64_t in, int64_t ldx, int64_t kp, int8_t* xq, float* xs, float* xsum) {
   const int64_t groups = kp / G;
   for (int64_t r = 0; r < T; ++r) {
     float total = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k0 = g * G, n = std::max<int64_t>(0, std::min<int64_t>(G, in - k0));
-      const float* xr = x + r * ldx + k0;
-      float a = 0.f;
-      for (int64_t k = 0; k < n; ++k) a = std::max(a, std::fabs(xr[k]));
-      const float inv = a > 0.f ? 127.f / a : 0.f;
-      int32_t qsum = 0;
-      for (int64_t k = 0; k < G; ++k) {
-        const int32_t q = k < n ? static_cast<int32_t>(std::nearbyint(xr[k] * inv)) : 0;  // to nearest even
-        xq[r * kp + k0 + k] = static_cast<int8_t>(q);
-        qsum += q;
-      }
-      const float scale = a > 0.f ? a / 127.f : 0.f;
-      xs[r * groups + g] = scale;
-      total += scale * static_cast<float>(qsum);
+      float* scale = xs + r * groups + g;
+      const int32_t qsum = quantize_group(x + r * ldx + k0, n, xq + r * kp + k0, scale);
+      total += *scale * static_cast<float>(qsum);
     }
     xsum[r] = total;
   }
 }
-
-#else
-#error "the low-bit CPU kernel needs AVX512-VNNI or AVX2 with FMA"
-#endif
 
 }  // namespace
 
