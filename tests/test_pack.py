@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meswitch.compress.pack import pack, packed_cols, unpack
+from meswitch.deltas.pack import pack, packed_cols, unpack
 
 BITS = [1, 2, 3, 4]
 NS = [1, 7, 8, 9, 577, 1536]

@@ -7,15 +7,8 @@ import struct
 import pytest
 import torch
 
-from meswitch.compress.quant import (
-    SCALE_FLOOR,
-    QuantizedDelta,
-    bitdelta,
-    dequantize,
-    qparams,
-    quantize,
-    rtn,
-)
+from meswitch.compress.quant import SCALE_FLOOR, bitdelta, qparams, quantize, rtn
+from meswitch.deltas import QuantizedDelta, dequantize
 
 BITS = [1, 2, 3, 4]
 

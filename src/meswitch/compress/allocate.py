@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from meswitch.compress.codec import decode_delta, encode_delta
+from meswitch.compress.codec import encode_delta
+from meswitch.deltas import decode_delta
 
 Encoded = tuple[dict[str, Tensor], dict[str, Any]]
 Rung = Callable[[Tensor, Tensor | None], Encoded]  # (delta, the layer's statistic) -> encoding

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from meswitch.compress.blocks import checkpointed_blocks
-from meswitch.compress.pack import unpack
-from meswitch.compress.quant import dequantize, sign2d_dequantize
+from meswitch.deltas import DeltaFormatError, QuantizedDelta, decode, dequantize, sign2d_dequantize, unpack
 from meswitch.utils.memory import trim_heap
 
 KL_CHUNK = 64  # tokens whose [chunk, vocab] log-probabilities are alive at once in the distillation loss
@@ -28,20 +27,12 @@ class LearnableDelta(nn.Module):
 
     def __init__(self, fields: dict[str, Tensor], meta: dict[str, Any]):
         super().__init__()
-        out, n = meta["shape"]
-        self.bits = int(meta["bits"])
-        self.shape = (out, n)
-        k = int(meta.get("salient", 0))
-        one_bit = meta["method"] in ("bitdelta", "sign2d")
-        self.code_bits = 1 if one_bit else self.bits
-        scale = fields["scale"].float()
-        zero = fields["zero"].float() if "zero" in fields and not one_bit else None
-        col = fields["col_scale"].float() if "col_scale" in fields else None
-        sal_idx = fields["salient_idx"].long() if k else torch.zeros(0, dtype=torch.long)
-        sal_cols = fields["salient_cols"].float() if k else torch.zeros(out, 0)
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[sal_idx] = False
-        rest = keep.nonzero().squeeze(1)
+        d = decode(fields, meta)
+        if not isinstance(d, QuantizedDelta):
+            raise DeltaFormatError(f"only quantized deltas have a grid to tune, got method {meta.get('method')!r}")
+        self.bits, self.shape = d.bits, d.shape
+        scale, zero, col = d.scale.float(), d.zero, d.col_scale
+        sal_idx, sal_cols, rest = d.salient_idx, d.salient_cols.float(), d.rest_idx
         # the codes stay packed (1-4 bits, not a byte each): unpacked per layer in forward, which the
         # gradient pass recomputes (checkpoint), so one matrix's codes are unpacked at a time
         self.register_buffer("packed", fields["codes"], persistent=False)
@@ -58,7 +49,7 @@ class LearnableDelta(nn.Module):
     @property
     def codes(self) -> Tensor:
         """``uint8 [out, in - k]``: the frozen codes of the non-salient columns."""
-        return unpack(self.packed, self.code_bits, len(self.rest_idx))
+        return unpack(self.packed, self.bits, len(self.rest_idx))
 
     def grid(self) -> tuple[Tensor, Tensor | None]:
         scale = self.scale0 * self.log_gain.exp()

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from meswitch.compress.quant import SCALE_FLOOR, QuantizedDelta, _to_f16, check_delta, qparams
+from meswitch.compress.quant import SCALE_FLOOR, _to_f16, check_delta, qparams
+from meswitch.deltas import QuantizedDelta
 
 DAMP = 0.01  # fraction of the mean diagonal added to H before inverting (GPTQ's default)
 BLOCK = 128  # columns per lazy-update block

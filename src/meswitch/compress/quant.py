@@ -1,4 +1,4 @@
-"""Per-output-channel quantization of a delta matrix, as a chain: qparams -> quantize -> dequantize.
+"""Per-output-channel quantization of a delta matrix, as a chain: qparams -> quantize -> (deltas.grid) dequantize.
 
 Shapes: ``delta: [out, in]`` (any float dtype; the math is float32), one grid per output row, so
 ``scale: [out]`` and ``zero: [out]`` (or ``None`` for the symmetric grid). ``L = 2**bits`` levels.
@@ -25,13 +25,13 @@ the smallest float16 (2**-24) so all-zero rows give no NaN/inf. ``dequantize`` i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from meswitch.compress.pack import check_bits
+from meswitch.deltas import QuantizedDelta, check_bits
+from meswitch.deltas.grid import check_grid
 
 SCALE_FLOOR = 2.0**-24  # smallest positive float16
 
@@ -43,28 +43,6 @@ class QuantParams(NamedTuple):
     zero: Tensor | None
 
 
-@dataclass(frozen=True, eq=False)
-class QuantizedDelta:
-    """Codes and grid of a delta: ``codes: uint8 [out, in]``, ``scale: [out]``, ``zero: [out] | None``."""
-
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor | None
-    bits: int
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zero is None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.codes.shape[0], self.codes.shape[1])
-
-    def dequantize(self) -> Tensor:
-        """``[out, in]`` float32 reconstruction; differentiable in ``scale`` and ``zero``."""
-        return dequantize(self.codes, self.scale, self.zero, self.bits)
-
-
 def check_delta(delta: Tensor, name: str = "delta") -> Tensor:
     """Raise unless ``delta`` is a finite floating 2-D ``[out, in]`` tensor; return it."""
     if delta.dim() != 2:
@@ -74,13 +52,6 @@ def check_delta(delta: Tensor, name: str = "delta") -> Tensor:
     if not bool(torch.isfinite(delta).all()):
         raise ValueError(f"{name} {tuple(delta.shape)} contains NaN or inf")
     return delta
-
-
-def _check_grid(scale: Tensor, zero: Tensor | None, out: int) -> None:
-    if scale.shape not in ((out,), (1,)):
-        raise ValueError(f"scale must be [out]=[{out}] (or [1]), got shape {tuple(scale.shape)}")
-    if zero is not None and zero.shape != scale.shape:
-        raise ValueError(f"zero must match scale {tuple(scale.shape)}, got shape {tuple(zero.shape)}")
 
 
 def _to_f16(x: Tensor, up: bool) -> Tensor:
@@ -126,32 +97,12 @@ def quantize(delta: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Te
     """
     check_bits(bits)
     d = check_delta(delta).detach().float()
-    _check_grid(scale, zero, d.shape[0])
+    check_grid(scale, zero, d.shape[0])
     levels = 1 << bits
     s = scale.detach().float()[:, None]
     # floor(position + 1/2) rounds to the nearest level, half up; symmetric position is d/s + (L-1)/2
     pos = d / s + (levels - 1) / 2 if zero is None else (d - zero.detach().float()[:, None]) / s
     return (pos + 0.5).floor_().clamp_(0, levels - 1).to(torch.uint8)
-
-
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int) -> Tensor:
-    """Grid levels of ``codes: uint8 [out, in]`` -> ``[out, in]``; differentiable in ``scale``/``zero``.
-
-    Computed in ``promote(scale.dtype, float32)`` (float32 for float16 scales, float64 for float64).
-    ``scale``/``zero`` may also be ``[1]``: one grid for the whole matrix (see :func:`bitdelta`).
-    """
-    check_bits(bits)
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be torch.uint8, got {codes.dtype}")
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
-    _check_grid(scale, zero, codes.shape[0])
-    dtype = torch.promote_types(scale.dtype, torch.float32)
-    c = codes.to(dtype)
-    s = scale.to(dtype)[:, None]
-    if zero is None:
-        return (c - ((1 << bits) - 1) / 2) * s
-    return c * s + zero.to(dtype)[:, None]
 
 
 def rtn(delta: Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0) -> QuantizedDelta:
@@ -195,9 +146,3 @@ def sign2d(delta: Tensor, act_sq: Tensor | None = None, iters: int = 8) -> tuple
     row, col = row / g, col * g
     codes = (d >= 0).to(torch.uint8)
     return codes, _to_f16(row, up=True), _to_f16(col, up=True)
-
-
-def sign2d_dequantize(codes: Tensor, row: Tensor, col: Tensor) -> Tensor:
-    """``(2 * codes - 1) * row[:, None] * col[None, :]``: ``[out, in]``; differentiable in ``row``/``col``."""
-    dtype = torch.promote_types(row.dtype, torch.float32)
-    return (codes.to(dtype) * 2 - 1) * row.to(dtype)[:, None] * col.to(dtype)[None, :]

@@ -14,77 +14,14 @@ Such a column is selected when its act_sq is large, or at symmetric 1 bit (level
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from meswitch.compress.pack import check_bits, packed_cols
-from meswitch.compress.quant import check_delta, dequantize, rtn
+from meswitch.compress.quant import check_delta, rtn
+from meswitch.deltas import QuantizedDelta, check_bits, packed_cols
 
 _FP16_BITS = 16
 _INDEX_BITS = 16  # one uint16 index per salient column (in_features <= 65536)
-
-
-@dataclass(frozen=True, eq=False)
-class SalientDelta:
-    """A delta split into float16 salient columns and quantized remaining columns.
-
-    ``salient_idx: int64 [k]`` (ascending), ``salient_cols: float16 [out, k]`` (exact delta
-    columns), ``codes: uint8 [out, in-k]`` (remaining columns in original order), ``scale: [out]``,
-    ``zero: [out] | None`` (grid of the remaining columns only), ``bits``, ``shape = (out, in)``.
-    """
-
-    salient_idx: Tensor
-    salient_cols: Tensor
-    codes: Tensor
-    scale: Tensor
-    zero: Tensor | None
-    bits: int
-    shape: tuple[int, int]
-
-    def __post_init__(self) -> None:
-        out, n = self.shape
-        k = self.salient_idx.shape[0] if self.salient_idx.dim() == 1 else -1
-        if self.salient_idx.dim() != 1 or self.salient_idx.dtype != torch.int64:
-            raise ValueError(
-                f"salient_idx must be int64 [k], got {self.salient_idx.dtype} {tuple(self.salient_idx.shape)}"
-            )
-        expect = {"salient_cols": (out, k), "codes": (out, n - k), "scale": (out,)}
-        for name, shape in expect.items():
-            if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"{name} must be {list(shape)}, got {list(getattr(self, name).shape)}")
-        if self.zero is not None and tuple(self.zero.shape) != (out,):
-            raise ValueError(f"zero must be [{out}], got {list(self.zero.shape)}")
-
-    @property
-    def k(self) -> int:
-        return self.salient_idx.shape[0]
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zero is None
-
-    @property
-    def rest_idx(self) -> Tensor:
-        """``int64 [in - k]``: the quantized columns, ascending (the columns of ``codes``)."""
-        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self.salient_idx.device)
-        keep[self.salient_idx] = False
-        return keep.nonzero().squeeze(1)
-
-    def dequantize(self) -> Tensor:
-        """``[out, in]`` float32 reconstruction; differentiable in ``scale`` and ``zero``."""
-        rest = dequantize(self.codes, self.scale, self.zero, self.bits)
-        full = rest.new_zeros(self.shape)
-        full = full.index_copy(1, self.rest_idx, rest)
-        return full.index_copy(1, self.salient_idx, self.salient_cols.to(rest.dtype))
-
-    def effective_bits(self) -> float:
-        """Stored bits per weight of this delta; see :func:`effective_bits`."""
-        out, n = self.shape
-        return effective_bits(
-            out_features=out, in_features=n, k=self.k, bits=self.bits, symmetric=self.symmetric
-        )
 
 
 def _check_act_sq(act_sq: Tensor, n: int) -> None:
@@ -123,7 +60,7 @@ def select_salient(
 
 def salient_quantize(
     delta: Tensor, act_sq: Tensor, bits: int, k: int, symmetric: bool = True, clip_ratio: float = 1.0
-) -> SalientDelta:
+) -> QuantizedDelta:
     """Keep the k salient columns of ``delta: [out, in]`` in float16 and quantize the rest at ``bits``.
 
     The grid is recomputed on the remaining ``in - k`` columns. ``k = 0`` is exactly :func:`rtn`;
@@ -136,11 +73,11 @@ def salient_quantize(
     if not bool(torch.isfinite(cols).all()):
         raise ValueError("salient delta columns exceed the float16 range")
     q = rtn(delta[:, keep], bits, symmetric, clip_ratio)
-    return SalientDelta(idx, cols, q.codes, q.scale, q.zero, bits, (delta.shape[0], delta.shape[1]))
+    return QuantizedDelta(q.codes, q.scale, q.zero, bits, salient_idx=idx, salient_cols=cols, method="salient")
 
 
 def effective_bits(*, out_features: int, in_features: int, k: int, bits: int, symmetric: bool) -> float:
-    """Stored bits per weight of a :class:`SalientDelta` = total stored bits / (out * in).
+    """Stored bits per weight of a salient :class:`~meswitch.deltas.QuantizedDelta` = total stored bits / (out * in).
 
     ``total = out * 8 * packed_cols(in - k, bits)``  (codes, whole bytes per row)
     ``+ 16 * out``  (float16 scale per row) ``+ (0 if symmetric else 16 * out)``  (float16 zero)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meswitch.compress.codec import decode_delta
+from meswitch.deltas.records import decode_delta
 
 
 @torch.no_grad()

@@ -1,0 +1,238 @@
+"""Records of one stored layer delta, and the one decoder of a store's layer tensors.
+
+A layer delta is ``delta = W_expert - W_base`` of one weight. It is stored in one of two forms:
+
+- :class:`QuantizedDelta` (``meta["method"]`` ``salient``, ``rtn``, ``sign2d`` or ``bitdelta``):
+  ``k`` salient input columns kept in 16 bit, the other ``in - k`` columns as ``bits``-bit codes on
+  a grid per output row (:mod:`meswitch.deltas.grid`). Stored tensors (``fields()``):
+
+  ========================  =====================================================  ==================
+  field                     dtype, shape                                           present
+  ========================  =====================================================  ==================
+  ``codes``                 uint8 ``[out, packed_cols(in - k, bits)]`` (``pack``)  always
+  ``scale``                 fp16 ``[out]`` (``[1]``: bitdelta)                     always
+  ``zero``                  fp16 ``[out]``                                         asymmetric grid
+  ``col_scale``             fp16 ``[in - k]``                                      sign2d
+  ``salient_idx``           int16 ``[k]`` (int32 when ``in > 32767``)              ``k > 0``
+  ``salient_cols``          fp16 ``[out, k]``                                      ``k > 0``
+  ========================  =====================================================  ==================
+
+- :class:`DenseDelta` (``method`` ``dense``): ``delta`` fp16 of the weight's shape (norms,
+  embeddings, and linear layers stored losslessly).
+
+Layer meta (JSON in the manifest): ``method``, ``bits``, ``shape``, ``salient`` (``k``),
+``symmetric``; the encoder may add keys of its own (``gptq``), which readers ignore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meswitch.deltas.grid import check_grid, dequantize, sign2d_dequantize
+from meswitch.deltas.pack import check_bits, pack, unpack
+from meswitch.errors import MeswitchError
+
+METHODS = ("salient", "rtn", "sign2d", "bitdelta")  # quantized forms; "dense" is the other
+
+
+class DeltaFormatError(MeswitchError, ValueError):
+    """Stored tensors or layer meta do not describe a delta of the form they claim."""
+
+
+def _no_columns() -> Tensor:
+    return torch.zeros(0, dtype=torch.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedDelta:
+    """A delta ``[out, in]`` as codes on a per-row grid plus ``k`` exact salient input columns.
+
+    ``codes: uint8 [out, in - k]`` (unpacked; the quantized columns in ascending order),
+    ``scale: [out]`` (``[1]``: one grid for the matrix), ``zero: [out] | None`` (None: symmetric),
+    ``salient_idx: int64 [k]`` (ascending), ``salient_cols: [out, k]`` (16-bit values of the delta),
+    ``col_scale: [in - k] | None`` (sign2d: ``level = (2c - 1) * scale[o] * col_scale[i]``).
+    ``scale``, ``zero`` and ``col_scale`` may require grad: :meth:`dequantize` is differentiable in them.
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    bits: int
+    salient_idx: Tensor = field(default_factory=_no_columns)
+    salient_cols: Tensor | None = None
+    col_scale: Tensor | None = None
+    method: str = "rtn"
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.method not in METHODS:
+            raise DeltaFormatError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 2:
+            raise DeltaFormatError(f"codes must be uint8 [out, in - k], got {self.codes.dtype} {list(self.codes.shape)}")
+        if self.salient_idx.dim() != 1 or self.salient_idx.dtype != torch.int64:
+            raise DeltaFormatError(
+                f"salient_idx must be int64 [k], got {self.salient_idx.dtype} {list(self.salient_idx.shape)}")
+        out, rest, k = self.codes.shape[0], self.codes.shape[1], self.salient_idx.shape[0]
+        if self.salient_cols is None:
+            if k:
+                raise DeltaFormatError(f"{k} salient columns named but no salient_cols given")
+            object.__setattr__(self, "salient_cols", torch.zeros(out, 0, dtype=torch.float16,
+                                                                  device=self.codes.device))
+        try:
+            check_grid(self.scale, self.zero, out)
+        except ValueError as exc:
+            raise DeltaFormatError(f"{self.method} delta {list(self.shape)}: {exc}") from exc
+        expect = {"salient_cols": (out, k)}
+        if self.col_scale is not None:
+            expect["col_scale"] = (rest,)
+        for name, want in expect.items():
+            got = tuple(getattr(self, name).shape)
+            if got != want:
+                raise DeltaFormatError(f"{self.method} delta {list(self.shape)}: {name} must be {list(want)}, "
+                                       f"got {list(got)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the whole delta."""
+        return (self.codes.shape[0], self.codes.shape[1] + self.salient_idx.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Number of salient (16-bit) input columns."""
+        return self.salient_idx.shape[0]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def rest_idx(self) -> Tensor:
+        """``int64 [in - k]``: the quantized columns, ascending (the columns of ``codes``)."""
+        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self.codes.device)
+        keep[self.salient_idx] = False
+        return keep.nonzero().squeeze(1)
+
+    def dequantize_codes(self) -> Tensor:
+        """Levels of the quantized columns: ``[out, in - k]`` (float32, or float64 for float64 grids)."""
+        if self.col_scale is not None:
+            return sign2d_dequantize(self.codes, self.scale, self.col_scale)
+        return dequantize(self.codes, self.scale, self.zero, self.bits)
+
+    def dequantize(self) -> Tensor:
+        """The dense delta ``[out, in]`` (float32 for float16/32 grids); differentiable in the grid."""
+        rest = self.dequantize_codes()
+        if not self.k:
+            return rest
+        full = rest.new_zeros(self.shape).index_copy(1, self.rest_idx, rest)
+        return full.index_copy(1, self.salient_idx, self.salient_cols.to(rest.dtype))
+
+    def fields(self) -> dict[str, Tensor]:
+        """The tensors a store keeps (module docstring): codes packed, 16-bit grid and columns."""
+        out: dict[str, Tensor] = {"codes": pack(self.codes, self.bits),
+                                  "scale": self.scale.detach().to(torch.float16)}
+        if self.zero is not None:
+            out["zero"] = self.zero.detach().to(torch.float16)
+        if self.col_scale is not None:
+            out["col_scale"] = self.col_scale.detach().to(torch.float16)
+        if self.k:
+            idx_dtype = torch.int16 if self.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+            out["salient_idx"] = self.salient_idx.to(idx_dtype)
+            out["salient_cols"] = self.salient_cols.detach().to(torch.float16)
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        """The layer meta the manifest records for :meth:`fields`."""
+        return {"method": self.method, "bits": self.bits, "shape": list(self.shape), "salient": self.k,
+                "symmetric": self.symmetric}
+
+
+@dataclass(frozen=True, eq=False)
+class DenseDelta:
+    """A delta kept whole: ``delta`` of the weight's shape (16 bit as stored)."""
+
+    delta: Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.delta.shape)
+
+    def dequantize(self) -> Tensor:
+        """The delta as float32, same shape."""
+        return self.delta.float()
+
+    def fields(self) -> dict[str, Tensor]:
+        return {"delta": self.delta.to(torch.float16)}
+
+    def meta(self) -> dict[str, Any]:
+        return {"method": "dense", "bits": 16, "shape": list(self.shape), "salient": 0}
+
+
+LayerDelta = QuantizedDelta | DenseDelta
+
+
+def _shape(meta: Mapping[str, Any]) -> list[int]:
+    try:
+        return [int(d) for d in meta["shape"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeltaFormatError(f"layer meta needs a shape list, got {meta.get('shape')!r}") from exc
+
+
+def decode(fields: Mapping[str, Tensor], meta: Mapping[str, Any]) -> LayerDelta:
+    """The record that ``fields`` (a store's tensors of one layer) and ``meta`` describe.
+
+    Raises :class:`DeltaFormatError` naming the method, shape and field when they disagree.
+    """
+    method = meta.get("method")
+    shape = _shape(meta)
+    if method == "dense":
+        if "delta" not in fields:
+            raise DeltaFormatError(f"dense delta {shape} lacks its 'delta' tensor; has {sorted(fields)}")
+        if list(fields["delta"].shape) != shape:
+            raise DeltaFormatError(f"dense delta: meta says {shape}, the tensor is {list(fields['delta'].shape)}")
+        return DenseDelta(fields["delta"])
+    if method not in METHODS:
+        raise DeltaFormatError(f"unknown method {method!r} in layer meta; expected 'dense' or one of {METHODS}")
+    if len(shape) != 2:
+        raise DeltaFormatError(f"a {method} delta must be [out, in], meta says {shape}")
+    out, n = shape
+    try:
+        bits, k = int(meta["bits"]), int(meta.get("salient", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DeltaFormatError(f"{method} delta {shape}: meta needs integer bits and salient") from exc
+    need = ["codes", "scale"] + (["salient_idx", "salient_cols"] if k else [])
+    need += ["col_scale"] if method == "sign2d" else []
+    if missing := [f for f in need if f not in fields]:
+        raise DeltaFormatError(f"{method} delta {shape} lacks stored field(s) {missing}; has {sorted(fields)}")
+    if not 0 <= k <= n:
+        raise DeltaFormatError(f"{method} delta {shape}: salient count {k} outside [0, {n}]")
+    try:
+        codes = unpack(fields["codes"], bits, n - k)
+    except (TypeError, ValueError) as exc:
+        raise DeltaFormatError(f"{method} delta {shape}: codes: {exc}") from exc
+    if codes.shape[0] != out:
+        raise DeltaFormatError(f"{method} delta {shape}: codes have {codes.shape[0]} rows, expected {out}")
+    idx = fields["salient_idx"].long() if k else _no_columns().to(codes.device)
+    if idx.shape != (k,):
+        raise DeltaFormatError(f"{method} delta {shape}: salient_idx must be [k]=[{k}], got {list(idx.shape)}")
+    if k and (int(idx.min()) < 0 or int(idx.max()) >= n or len(torch.unique(idx)) != k):
+        raise DeltaFormatError(f"{method} delta {shape}: salient_idx must name {k} distinct columns in [0, {n})")
+    return QuantizedDelta(
+        codes=codes,
+        scale=fields["scale"].float(),
+        zero=fields["zero"].float() if "zero" in fields else None,
+        bits=bits,
+        salient_idx=idx,
+        salient_cols=fields["salient_cols"] if k else None,
+        col_scale=fields["col_scale"].float() if method == "sign2d" else None,
+        method=method,
+    )
+
+
+def decode_delta(fields: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:
+    """The dense float32 delta of stored tensors: ``[out, in]`` (or the stored shape for ``dense``)."""
+    return decode(fields, meta).dequantize()
