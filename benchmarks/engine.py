@@ -7,11 +7,13 @@ Cases (decode tokens/s, prefill excluded, batch sizes 1, 8, 16, every case in th
   (d) mixed16   16 experts (the 3 zoo experts stored under 16 names, each loaded separately)
   (e) swap      what users do today: one transformers model per expert, loaded from disk whenever
                 a request needs another expert (32 new tokens per request)
-under residency policies: ``default`` (EngineConfig's: low-bit deltas through the VNNI kernel in
-mixed batches, merged weights for up to 3 experts that have had the batch to themselves for 16
-steps), ``no-merge``, ``int4`` (the default with PyTorch's int4 kernel instead, the previous
-default: the same-run baseline for the low-bit kernel) and ``exact`` (no merged weights, packed codes unpacked on every call: the reference path; mixed16 is
-skipped for it, minutes per point). Also resident
+under policies (an EngineConfig ``backend`` and ``max_merged`` each): ``default`` (EngineConfig's on a
+CPU: the ``lowbit`` delta backend, meswitch's low-bit kernel, in mixed batches, merged weights for up
+to 3 experts that have had the batch to themselves for 16 steps), ``no-merge``, ``int4`` (the default
+with the ``int4`` backend, PyTorch's int4 kernel, instead: the same-run baseline for the low-bit
+kernel) and ``exact`` (the ``reference`` backend, no merged weights: each delta dequantized on every
+call; mixed16 is skipped for it, minutes per point). A policy whose backend cannot run here falls
+back (``Engine.backend_selection``, printed); its limits use the backend that ran. Also resident
 memory for 1, 3 and 16 experts against as many full models, the time to bring an expert in from
 disk, and per case the bytes of weights read and FLOPs per decode step, the limit they imply on
 this machine (bandwidth and GFLOPS measured here) and the achieved fraction of it.
@@ -39,12 +41,13 @@ from _common import machine, results_dir  # noqa: E402
 
 BATCHES = (1, 8, 16)
 PROMPT = "Write a short story about a cat named Tom who learns to cook."
-POLICIES = {
-    "default": {"max_merged": 3, "delta_cache": "lowbit"},
-    "no-merge": {"max_merged": 0, "delta_cache": "lowbit"},
-    "int4": {"max_merged": 3, "delta_cache": "int4"},
-    "exact": {"max_merged": 0, "delta_cache": None},
+POLICIES = {  # EngineConfig fields
+    "default": {"max_merged": 3, "backend": "lowbit"},
+    "no-merge": {"max_merged": 0, "backend": "lowbit"},
+    "int4": {"max_merged": 3, "backend": "int4"},
+    "exact": {"max_merged": 0, "backend": "reference"},
 }
+MEMORY = {"packed": "reference", "packed+lowbit": "lowbit", "packed+int4": "int4"}  # memory row -> backend
 WARMUP = 20  # decode steps before timing: loads, and merges after EngineConfig.merge_after solo steps
 
 
@@ -88,7 +91,7 @@ def machine_limits(model) -> tuple[float, float, dict[str, float]]:
     batch 16 (those this machine has)."""
     import torch
 
-    from meswitch.engine import int4, lowbit_cpu
+    from meswitch.engine.kernels import int4, lowbit_cpu
 
     ws = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     nbytes = sum(w.numel() * 4 for w in ws)
@@ -111,13 +114,14 @@ def machine_limits(model) -> tuple[float, float, dict[str, float]]:
     rates: dict[str, float] = {}
     lin_flops = sum(2 * w.numel() for w in lin) * 16
     g = torch.Generator().manual_seed(0)
-    if lowbit_cpu.available() and lin:
+    isa = lowbit_cpu.isa()  # MESWITCH_LOWBIT_CPU, else the best build, as the engine's lowbit backend chooses
+    if isa and lin:
         low = [lowbit_cpu.build(torch.randint(0, 4, w.shape, dtype=torch.uint8, generator=g),
                                 torch.arange(w.shape[1]), torch.rand(w.shape[0], generator=g), None, 2,
-                                tuple(w.shape)) for w in lin]
+                                tuple(w.shape), isa) for w in lin]
         xf = {w.shape[1]: torch.randn(16, w.shape[1]) for w in lin}
         ys = {w.shape[0]: torch.zeros(16, w.shape[0]) for w in lin}
-        rates["lowbit"] = lin_flops / timed(lambda: [lowbit_cpu.sgmv(xf[w.shape[1]], ys[w.shape[0]], [(d, 0, 16)])
+        rates["lowbit"] = lin_flops / timed(lambda: [lowbit_cpu.sgmv(xf[w.shape[1]], ys[w.shape[0]], [(d, 0, 16)], isa)
                                                      for w, d in zip(lin, low, strict=True)])
     if not int4.available() or not lin:
         return nbytes / out[0], flops * 16 / out[1], rates
@@ -165,10 +169,10 @@ def engine_traffic(engine, names: list[str], requests: int, new_tokens: int, tog
     return requests * new_tokens / (time.perf_counter() - t0)
 
 
-def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delta_bytes: float,
+def step_cost(case: str, batch: int, policy: dict, backend: str, p_lin: int, p_head: int, delta_bytes: float,
               n_exp: int) -> tuple[float, float, float]:
     """(weight bytes read, base FLOPs, delta FLOPs) of one decode step with fp32 base weights, from the
-    path the engine takes.
+    path the engine takes (``backend``: the delta backend that ran).
 
     As ``ExpertLinear.forward`` does: a batch of one expert that has merged weights reads its own
     ``W_base + delta``; any other batch with expert rows reads the base once and adds each expert's
@@ -182,7 +186,7 @@ def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delt
     if case == "base" or (case == "one" and policy["max_merged"] > 0):
         return nbytes, flops, 0.0
     segs = min(batch, 1 if case == "one" else n_exp)
-    per_delta = 0.5 * p_lin if policy["delta_cache"] == "int4" else delta_bytes
+    per_delta = 0.5 * p_lin if backend == "int4" else delta_bytes
     return nbytes + per_delta * segs, flops, 2 * p_lin * batch
 
 
@@ -219,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                      "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9,
                      "gflops_int4": kernel_rates["int4"] / 1e9 if "int4" in kernel_rates else None,
                      "gflops_lowbit": kernel_rates["lowbit"] / 1e9 if "lowbit" in kernel_rates else None,
-                     "tokens_per_s": {}, "limits": {},
+                     "tokens_per_s": {}, "limits": {}, "backends": {},
                      "repeats": args.repeats, "samples": {}, "memory_bytes": {}, "load_ms": {}}
     cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16}
     for policy, kw in POLICIES.items():
         engine = Engine(store16, base, tok, EngineConfig(max_batch=16, **kw), check_base=False)
+        backend = engine.backend_selection.backend.name
+        results["backends"][policy] = engine.backend_selection.describe()
+        print(f"[{policy}] {results['backends'][policy]}", file=sys.stderr, flush=True)
         run = {c: e for c, e in cases.items() if not (policy == "exact" and c == "mixed16")}
         for b in BATCHES:
             for experts in run.values():
@@ -236,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 rate = statistics.median(samples[case])
                 results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
                 results["samples"].setdefault(policy, {}).setdefault(case, {})[str(b)] = samples[case]
-                nb, fl, dfl = step_cost(case, b, kw, p_lin, p_head, delta_bytes, len(experts))
-                delta_rate = kernel_rates.get(kw["delta_cache"] or "", gflops)
+                nb, fl, dfl = step_cost(case, b, kw, backend, p_lin, p_head, delta_bytes, len(experts))
+                delta_rate = kernel_rates.get(backend, gflops)
                 t_compute = fl / gflops + dfl / delta_rate
                 limit = b / max(nb / bw, t_compute)
                 results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {
@@ -255,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     full = 4 * p_all
     for n in (1, 3, 16):
         row = {"full_models": n * full}
-        for label, cache in (("packed", None), ("packed+lowbit", "lowbit"), ("packed+int4", "int4")):
-            eng = Engine(store16, base, tok, EngineConfig(max_batch=1, max_merged=0, delta_cache=cache),
+        for label, backend in MEMORY.items():
+            eng = Engine(store16, base, tok, EngineConfig(max_batch=1, max_merged=0, backend=backend),
                          check_base=False)
             for name in names16[:n]:
                 eng.pool.pin(name)

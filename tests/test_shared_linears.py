@@ -1,39 +1,52 @@
-"""Layers that read one input (q/k/v, gate/up) run as one: stacked base weights, stacked fused deltas.
+"""Layers that read one input (q/k/v, gate/up) run as one: a stacked base weight, one backend ``add``.
 
-What must hold: the group gives the numbers each layer gives alone (the same kernel on the same
-rows, so the int4 and low-bit paths match up to float32 summation order), the base is held once,
-and a stacked delta follows its experts when they are dropped or replaced.
+What must hold, whatever the backend: the group gives the numbers each layer gives alone (the same
+kernel on the same rows, so the int4 and low-bit paths match up to float32 summation order), the
+base is held once, and the group serves each layer's current deltas when they are replaced or dropped.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
 
-from meswitch.compress.codec import decode_delta
-from meswitch.engine import int4, lowbit_cpu
-from meswitch.engine.delta_linear import PackedDelta
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernel module is first imported
+
+from meswitch.deltas import decode, decode_delta
+from meswitch.engine import backends
+from meswitch.engine.kernels import int4, lowbit_cpu, sgmv_triton
 from meswitch.engine.layers import ExpertLinear, ExpertNorm, SharedInputLinears
 from meswitch.engine.segments import Segments
-from tests.test_delta_linear import encoded, gen, rel_close
+from tests.delta_helpers import encoded, gen, rel_close
 
 needs_int4 = pytest.mark.skipif(not int4.available(), reason="this PyTorch lacks the CPU int4 weight-only kernels")
-FUSED = [pytest.param("int4", marks=needs_int4),
-         pytest.param("lowbit", marks=pytest.mark.skipif(not lowbit_cpu.available(), reason="no low-bit CPU kernel"))]
+needs_lowbit = pytest.mark.skipif(not lowbit_cpu.available(""), reason=f"{lowbit_cpu.unavailable_reason('')}")
+BACKENDS = ["reference", pytest.param("int4", marks=needs_int4), pytest.param("lowbit", marks=needs_lowbit)]
+TOL = {"reference": 1e-5, "int4": 1.5e-2, "lowbit": 1.5e-2}  # against the float formula: the kernels' activations
 IN, OUTS = 320, (128, 64, 32)  # a q/k/v-like group; 320 input features: 5 of the kernel's groups of 64
 
 
-def group(bias: bool, resident: str | None = "int4", experts=(0, 1, 2), seed: int = 0):
+def make(name: str) -> backends.DeltaBackend:
+    if name == "triton":  # on the CPU under Triton's interpreter, as tests/test_backends.py runs it
+        return backends.backend_class("triton")("cuda" if torch.cuda.is_available() else "cpu")
+    return backends.create(name, "cpu", isa="" if name == "lowbit" else None)
+
+
+def group(bias: bool, backend: str = "reference", experts=(0, 1, 2), seed: int = 0):
     """Three ExpertLinears over one input, every expert a 2-bit delta in each; and their dense references."""
     torch.manual_seed(seed)
+    chosen = make(backend)
     bases = [nn.Linear(IN, o, bias=bias) for o in OUTS]
-    mods = [ExpertLinear(b) for b in bases]
+    mods = [ExpertLinear(b, chosen) for b in bases]
     dense: dict[tuple[int, int], torch.Tensor] = {}
     for j, m in enumerate(mods):
         for e in experts:
             fields, meta = encoded(("rtn", 2, 0, True), seed=100 * j + e, out=OUTS[j], n=IN)
-            m.deltas[e] = PackedDelta.from_fields(fields, meta, resident=resident)
+            m.set_delta(e, chosen.prepare(decode(fields, meta)))
             dense[j, e] = decode_delta(fields, meta)
     return bases, mods, dense
 
@@ -42,54 +55,32 @@ def one_by_one(mods, x, segments):
     return [m(x, segments) for m in mods]
 
 
-@needs_int4
-def test_concat_is_the_parts_side_by_side_and_holds_the_codes_once():
-    _, mods, _ = group(bias=False)
-    parts = [m.deltas[1].fused for m in mods]
-    xb = torch.randn(5, IN, generator=gen(1)).bfloat16()
-    stacked, views = int4.concat(parts)
-    assert torch.equal(stacked.mm(xb), torch.cat([p.mm(xb) for p in parts], 1))
-    assert [tuple(v.packed.shape) for v in views] == [tuple(p.packed.shape) for p in parts]
-    for v in views:  # the parts now read their rows of the stacked codes and scales: nothing is held twice
-        assert v.packed.untyped_storage().data_ptr() == stacked.packed.untyped_storage().data_ptr()
-        assert v.sz.untyped_storage().data_ptr() == stacked.sz.untyped_storage().data_ptr()
-        assert torch.equal(v.mm(xb), parts[views.index(v)].mm(xb))
-    # a part that needs its activations scaled cannot join: one kernel call would not give its delta
-    scaled = int4.Int4Delta(parts[0].packed, parts[0].group, parts[0].sz, parts[0].x_scale, OUTS[0], False)
-    assert int4.concat([scaled, parts[1]]) is None
-    # nor can rows that end inside one of the kernel's interleaved blocks, unless they come last
-    assert int4.row_block() in (16, 32, 64, 128)
-    if OUTS[2] % int4.row_block():
-        assert int4.concat([parts[2], parts[1]]) is None
-        assert int4.concat([parts[1], parts[2]]) is not None
-
-
-@pytest.mark.parametrize("resident", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ids", [
-    [-1, -1, 0, 0, 0, 1, 2, 2],  # sorted mixed step: stacked int4 deltas
-    [2, 0, -1, 1, 0, 2, -1, 0],  # unsorted: each layer's own path
+    [-1, -1, 0, 0, 0, 1, 2, 2],  # sorted mixed step: one backend add for the group
+    [2, 0, -1, 1, 0, 2, -1, 0],  # unsorted: rows gathered, added, scattered back
     [-1, -1, -1],  # base only: one stacked matmul
     [1, 1, 1],  # one expert, not merged: stacked base plus its deltas
 ], ids=["sorted", "unsorted", "base", "one-expert"])
-def test_group_equals_each_layer_alone(bias, ids, resident):
-    bases, mods, dense = group(bias, resident)
+def test_group_equals_each_layer_alone(bias, ids, backend):
+    bases, mods, dense = group(bias, backend)
     x = torch.randn(len(ids), IN, generator=gen(2))
     segments = Segments.from_ids(ids)
-    want = one_by_one(mods, x, segments)  # before stacking: the layers' own weights
-    shared = SharedInputLinears(mods)
-    got = shared(x, segments)
-    for j, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g.shape == (len(ids), OUTS[j])
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-        # and against the obvious formula, to the precision of the kernel's delta term (bf16 or int8 activations)
-        ref = torch.stack([x[i] @ (bases[j].weight + (dense[j, e] if e >= 0 else 0)).T for i, e in enumerate(ids)])
-        if bias:
-            ref = ref + bases[j].bias
-        rel_close(g, ref.detach(), tol=1.5e-2)
+    with torch.no_grad():
+        want = one_by_one(mods, x, segments)  # before stacking: the layers' own weights
+        shared = SharedInputLinears(mods)
+        got = shared(x, segments)
+        for j, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g.shape == (len(ids), OUTS[j])
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            # and against the obvious formula, to the precision of the kernel's delta term (bf16 or int8 activations)
+            ref = torch.stack([x[i] @ (bases[j].weight + (dense[j, e] if e >= 0 else 0)).T for i, e in enumerate(ids)])
+            if bias:
+                ref = ref + bases[j].bias
+            rel_close(g, ref, tol=TOL[backend])
 
 
-@needs_int4
 def test_group_holds_the_base_once_and_steps_aside_when_a_weight_is_replaced():
     bases, mods, _ = group(bias=True)
     before = [b.weight.detach().clone() for b in bases]
@@ -103,44 +94,39 @@ def test_group_holds_the_base_once_and_steps_aside_when_a_weight_is_replaced():
     segments = Segments.from_ids(ids)
     with torch.no_grad():  # someone replaces a weight (a fine-tune, a move): the group must not serve the stale copy
         bases[1].weight.data = bases[1].weight.detach() * 2
-    got = shared(x, segments)
-    torch.testing.assert_close(got[1], mods[1](x, segments))
-    assert not torch.allclose(got[1], x @ before[1].T + bases[1].bias, atol=1e-3)
+        got = shared(x, segments)
+        torch.testing.assert_close(got[1], mods[1](x, segments))
+        assert not torch.allclose(got[1], x @ before[1].T + bases[1].bias, atol=1e-3)
 
 
-@pytest.mark.parametrize("resident", FUSED)
-def test_stacked_delta_follows_its_experts(resident):
-    _, mods, _ = group(bias=False, resident=resident)
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param("triton", marks=pytest.mark.skipif(
+    not sgmv_triton.available(), reason="triton is not installed"))])
+def test_group_serves_replaced_and_dropped_deltas(backend):
+    """The group keeps backend state of its own (the Triton backend's kernel tables): a delta replaced
+    or dropped in one layer must still be what the group serves."""
+    _, mods, _ = group(bias=False, backend=backend)
+    device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    for m in mods:
+        m.to(device)
     shared = SharedInputLinears(mods)
     ids = [0, 1, 1, 2]
-    x = torch.randn(len(ids), IN, generator=gen(4))
+    x = torch.randn(len(ids), IN, generator=gen(4)).to(device)
     segments = Segments.from_ids(ids)
-    shared(x, segments)
-    if resident == "int4":  # int4 deltas are stacked per expert; low-bit ones need no stacked copy
-        assert set(mods[0].fused) == {0, 1, 2}
-    # expert 1 reloaded with another delta in one layer: the stacked form is rebuilt from it
-    fields, meta = encoded(("rtn", 3, 0, True), seed=77, out=OUTS[2], n=IN)
-    mods[2].deltas[1] = PackedDelta.from_fields(fields, meta, resident=resident)
-    got = shared(x, segments)
-    assert mods[2].deltas[1].resident == resident
-    torch.testing.assert_close(got[2], one_by_one(mods, x, segments)[2], rtol=1e-5, atol=1e-5)
-    # dropped: the stacked codes go with it
-    for m in mods:
-        m.drop(1)
-    assert 1 not in mods[0].fused
-    rows = shared(x, segments)
-    torch.testing.assert_close(rows[0][1:3], x[1:3] @ mods[0].base.weight.T)
-
-
-def test_group_without_int4_forms_uses_each_layers_exact_path():
-    bases, mods, dense = group(bias=False, resident=None)
-    ids = [0, 0, 1, 2, 2]
-    x = torch.randn(len(ids), IN, generator=gen(5))
-    segments = Segments.from_ids(ids)
-    got = SharedInputLinears(mods)(x, segments)
-    for j in range(len(OUTS)):
-        ref = torch.stack([x[i] @ (bases[j].weight + dense[j, e]).T for i, e in enumerate(ids)])
-        torch.testing.assert_close(got[j], ref.detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        shared(x, segments)
+        # expert 1 reloaded with another delta in one layer
+        fields, meta = encoded(("rtn", 3, 0, True), seed=77, out=OUTS[2], n=IN)
+        mods[2].set_delta(1, mods[2].backend.prepare(decode(fields, meta)))
+        got = shared(x, segments)
+        torch.testing.assert_close(got[2], one_by_one(mods, x, segments)[2], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got[2][1:3], x[1:3] @ (mods[2].base.weight + decode_delta(
+            *encoded(("rtn", 2, 0, True), seed=100 * 2 + 1, out=OUTS[2], n=IN)).to(device)).T, atol=1e-4)
+        # dropped: its rows get the base
+        for m in mods:
+            m.drop(1)
+        rows = shared(x, segments)
+        torch.testing.assert_close(rows[0][1:3], x[1:3] @ mods[0].base.weight.T)
+        torch.testing.assert_close(rows[0], one_by_one(mods, x, segments)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_expert_norm_table_follows_replaced_and_dropped_deltas():
@@ -172,7 +158,7 @@ def test_serving_model_leaves_the_hugging_face_model_working():
     ids = torch.randint(0, 128, (2, 7), generator=gen(7))
     with torch.no_grad():
         before = hf(ids).logits
-        served = ServingModel(hf)
+        served = ServingModel(hf, backends.select("auto", "cpu").backend)
         after = hf(ids).logits
     assert torch.equal(before, after)
     layer = served.layers[0]

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from meswitch.engine.delta_linear import DeltaFormatError, PackedDelta, Resident
+from meswitch.deltas import DeltaFormatError, DenseDelta, decode
+from meswitch.engine.backends.forms import DenseForm
 from meswitch.engine.errors import BudgetError, UnknownModelError, UnsupportedModelError
-from meswitch.engine.layers import DenseDelta
+from meswitch.engine.layers import ExpertLinear
 from meswitch.engine.model import ServingModel
 from meswitch.store import DeltaStore
 
@@ -48,14 +49,13 @@ class ExpertPool:
         model: ServingModel,
         max_resident_bytes: int | None = None,
         max_merged: int = 0,
-        delta_cache: Resident = None,
         verify: bool = True,
     ) -> None:
         self.store, self.model = store, model
         self.names = store.experts
         self.index = {name: i for i, name in enumerate(self.names)}
         self.max_resident_bytes, self.max_merged = max_resident_bytes, max_merged
-        self.delta_cache, self.verify = delta_cache, verify
+        self.backend, self.verify = model.backend, verify
         self._linears = dict(model.linears())
         self._norms = dict(model.norms())
         self._resident: OrderedDict[int, int] = OrderedDict()  # idx -> bytes, least recently used first
@@ -202,25 +202,30 @@ class ExpertPool:
         self._merged[idx] = size
 
     def _place(self, idx: int, layers: dict[str, dict[str, torch.Tensor]], metas: dict[str, dict[str, Any]]) -> int:
-        """Check every stored layer against the model, then attach them all; returns bytes held."""
+        """Decode and check every stored layer against the model, then attach them all; returns bytes held."""
         name, device = self.names[idx], self.model.device
         staged: list[tuple[Any, Any]] = []
         for layer, fields in layers.items():
-            meta = metas[layer]
-            if meta.get("method") != "dense":
+            try:
+                record = decode(fields, metas[layer])
+            except DeltaFormatError as exc:
+                raise UnsupportedModelError(f"expert {name!r}, layer {layer!r}: {exc}") from exc
+            if not isinstance(record, DenseDelta):
                 mod = self._linears.get(layer)
                 if mod is None:
                     raise UnsupportedModelError(f"expert {name!r}: stored delta {layer!r} is no linear layer of the base")
-                try:
-                    delta = PackedDelta.from_fields(fields, meta).to(device).set_resident(self.delta_cache)
-                except (DeltaFormatError, KeyError, ValueError) as exc:
-                    raise UnsupportedModelError(f"expert {name!r}, layer {layer!r}: {exc}") from exc
-                staged.append((mod, delta))
+                if tuple(record.shape) != mod.shape:
+                    raise UnsupportedModelError(f"expert {name!r}, layer {layer!r}: delta is {list(record.shape)}, "
+                                                f"the base weight {list(mod.shape)}")
+                staged.append((mod, self.backend.prepare(record)))
                 continue
-            d = fields["delta"].to(device)
+            d = record.delta.to(device)
             owner = layer.removesuffix(".weight")
             if owner in self._linears and d.dim() == 2:  # a linear layer's delta kept dense (lossless)
-                staged.append((self._linears[owner], DenseDelta(d)))
+                if tuple(d.shape) != self._linears[owner].shape:
+                    raise UnsupportedModelError(f"expert {name!r}: delta {layer!r} is {list(d.shape)}, the base "
+                                                f"weight {list(self._linears[owner].shape)}")
+                staged.append((self._linears[owner], DenseForm(d)))
                 continue
             target = self._dense_target(name, layer)
             if tuple(d.shape) != tuple(_param_shape(target, layer)):
@@ -230,17 +235,14 @@ class ExpertPool:
             staged.append((target, d))
         held = 0
         for target, d in staged:
-            if isinstance(d, (PackedDelta, DenseDelta)):
-                target.deltas[idx] = d
+            if isinstance(target, ExpertLinear):
+                target.set_delta(idx, d)
                 held += d.nbytes()
             elif target is self.model.embed:
                 target.deltas[idx] = d
                 held += d.numel() * d.element_size()
                 if self.model.tied:  # the output head is the same matrix
-                    self.model.lm_head.deltas[idx] = DenseDelta(d)
-            elif target is self.model.lm_head:
-                target.deltas[idx] = DenseDelta(d)
-                held += d.numel() * d.element_size()
+                    self.model.lm_head.set_delta(idx, DenseForm(d))
             else:
                 target.deltas[idx] = d.float()
                 held += d.numel() * 4

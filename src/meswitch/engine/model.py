@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from meswitch.engine.backends import DeltaBackend
 from meswitch.engine.errors import UnsupportedModelError
 from meswitch.engine.kv_cache import KVCache
 from meswitch.engine.layers import ExpertEmbedding, ExpertLinear, ExpertNorm, SharedInputLinears
@@ -66,14 +67,15 @@ class StepBatch:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, cfg: object) -> None:
+    def __init__(self, hf_layer: nn.Module, cfg: object, backend: DeltaBackend) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         eps = cfg.rms_norm_eps
         self.norm1 = ExpertNorm(hf_layer.input_layernorm.weight, eps)
         self.norm2 = ExpertNorm(hf_layer.post_attention_layernorm.weight, eps)
-        self.q, self.k, self.v, self.o = (ExpertLinear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        self.gate, self.up, self.down = (ExpertLinear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.q, self.k, self.v, self.o = (ExpertLinear(m, backend) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                       attn.o_proj))
+        self.gate, self.up, self.down = (ExpertLinear(m, backend) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self.qkv, self.gate_up = SharedInputLinears((self.q, self.k, self.v)), SharedInputLinears((self.gate, self.up))
         self.act = mlp.act_fn
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -157,10 +159,11 @@ class ServingModel(nn.Module):
     The Hugging Face modules' weights are shared, not copied: each layer's q/k/v and gate/up
     parameters become views of one stacked tensor (:class:`SharedInputLinears`), same values, so
     the Hugging Face model still runs as before. ``forward(ids: int64 [T], batch,
-    cache) -> logits: float32 [S, V]`` for the last token of each sequence in ``batch``.
+    cache) -> logits: float32 [S, V]`` for the last token of each sequence in ``batch``. ``backend``
+    (:mod:`meswitch.engine.backends`) holds and applies every linear layer's expert deltas.
     """
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    def __init__(self, hf_model: nn.Module, backend: DeltaBackend) -> None:
         super().__init__()
         cfg = hf_model.config
         if getattr(cfg, "model_type", None) not in SUPPORTED:
@@ -172,9 +175,10 @@ class ServingModel(nn.Module):
         self.config = cfg
         inner = hf_model.model
         self.embed = ExpertEmbedding(inner.embed_tokens)
-        self.layers = nn.ModuleList(DecoderLayer(layer, cfg) for layer in inner.layers)
+        self.backend = backend
+        self.layers = nn.ModuleList(DecoderLayer(layer, cfg, backend) for layer in inner.layers)
         self.norm = ExpertNorm(inner.norm.weight, cfg.rms_norm_eps)
-        self.lm_head = ExpertLinear(hf_model.lm_head)
+        self.lm_head = ExpertLinear(hf_model.lm_head, backend)
         self.rotary = inner.rotary_emb
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         first = self.layers[0]

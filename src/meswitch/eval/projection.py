@@ -83,7 +83,7 @@ def expert_bytes(shape: ModelShape, bits_per_param: float, *, embedding_delta: b
     """One compressed expert: linear deltas at ``bits_per_param`` and 16-bit norm deltas.
 
     ``embedding_delta``: plus 16-bit embedding and ``lm_head`` deltas; ``int4_cache``: plus the 4-bit
-    copy of the linear deltas the CPU engine keeps for its fused kernel.
+    copy of the linear deltas the `int4` delta backend keeps beside the packed codes.
     """
     if bits_per_param <= 0:
         raise ValueError(f"bits_per_param must be positive, got {bits_per_param}")

@@ -90,45 +90,50 @@ def _build(isa: str) -> tuple[object | None, str | None]:
     return mod, None
 
 
-def _extension() -> tuple[object | None, str | None]:
-    """The kernel the engine uses and why there is none: ``MESWITCH_LOWBIT_CPU`` = ``0`` (off), an ISA
-    name, or unset (the best this CPU has). Called on every kernel call: the choice is cached per
-    value of the variable."""
-    return _select(os.environ.get("MESWITCH_LOWBIT_CPU", ""))[:2]
+ENV = "MESWITCH_LOWBIT_CPU"  # read by callers at start-up (choose(None)): "0" (off), an ISA name, or unset (best)
 
 
 @functools.cache
-def _select(want: str) -> tuple[object | None, str | None, str | None]:
-    """(module, why none, its ISA) for a value of ``MESWITCH_LOWBIT_CPU``."""
+def _select(want: str) -> tuple[str | None, str | None]:
+    """(ISA, None) of the build for a requested value (``""``: the best this CPU has), or (None, why none)."""
     if want == "0":
-        return None, "disabled by MESWITCH_LOWBIT_CPU=0", None
+        return None, f"disabled by {ENV}=0"
     if want:
         if want not in ISAS:
-            return None, f"MESWITCH_LOWBIT_CPU={want!r}: not one of {list(ISAS)} or 0", None
-        return (*_build(want), want)
+            return None, f"{ENV}={want!r}: not one of {list(ISAS)} or 0"
+        mod, why = _build(want)
+        return (want, None) if mod is not None else (None, why)
     reasons = []
     for isa in supported_isas():
         mod, why = _build(isa)
         if mod is not None:
-            return mod, None, isa
+            return isa, None
         reasons.append(f"{isa}: {why}")
-    return None, "; ".join(reasons) or f"no supported instruction set ({', '.join(ISAS)}) on this CPU", None
+    return None, "; ".join(reasons) or f"no supported instruction set ({', '.join(ISAS)}) on this CPU"
 
 
-def available() -> bool:
-    """Whether the kernel is built (building it on first call) and runs on this CPU."""
-    return _extension()[0] is not None
+def choose(want: str | None = None) -> tuple[str | None, str | None]:
+    """The build to use: (ISA, None), or (None, why there is none); builds on first call.
+
+    ``want``: ``"0"`` (off), an ISA of :data:`ISAS`, ``""`` (the best this CPU has) or None (the
+    value of ``MESWITCH_LOWBIT_CPU``, read now: call this once, at start-up).
+    """
+    return _select(os.environ.get(ENV, "") if want is None else want)
 
 
-def unavailable_reason() -> str | None:
+def available(want: str | None = None) -> bool:
+    """Whether :func:`choose` finds a build that runs on this CPU."""
+    return choose(want)[0] is not None
+
+
+def unavailable_reason(want: str | None = None) -> str | None:
     """Why :func:`available` is False (None when it is True)."""
-    return _extension()[1]
+    return choose(want)[1]
 
 
-def isa() -> str | None:
-    """The instruction set of the kernel in use (None: unavailable)."""
-    mod, _, name = _select(os.environ.get("MESWITCH_LOWBIT_CPU", ""))
-    return name if mod is not None else None
+def isa(want: str | None = None) -> str | None:
+    """The instruction set :func:`choose` picks (None: unavailable)."""
+    return choose(want)[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +149,7 @@ class LowbitDelta:
     zero: Tensor
     bits: int
     shape: tuple[int, int]
+    isa: str
     salient_idx: Tensor | None = None
 
     @property
@@ -158,7 +164,7 @@ class LowbitDelta:
     def matmul(self, x: Tensor) -> Tensor:
         """``x: [n, in]`` -> float32 ``[n, out]``: the quantized columns' part of ``x_hat @ delta^T``."""
         y = torch.zeros(x.shape[0], self.shape[0], dtype=torch.float32)
-        sgmv(x, y, [(self, 0, x.shape[0])])
+        sgmv(x, y, [(self, 0, x.shape[0])], self.isa)
         if self.salient_idx is not None:  # their 0 codes still met the zero term: z_o * x[:, salient].sum(1)
             y.addr_(x.float().index_select(1, self.salient_idx).sum(1), self.zero, alpha=-1)
         return y
@@ -191,7 +197,7 @@ def unlayout(packed: Tensor, bits: int, out: int, n: int) -> Tensor:
 
 
 def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
-          shape: tuple[int, int]) -> LowbitDelta | None:
+          shape: tuple[int, int], isa: str) -> LowbitDelta | None:
     """The kernel's form of a delta's quantized columns; None where the kernel is unavailable or the
     codes are not on the CPU.
 
@@ -200,7 +206,7 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
     ``m = (2**bits - 1) / 2``). Column-scaled (sign2d) deltas are not taken.
     """
     out, n = shape
-    if codes.device.type != "cpu" or codes.shape[0] != out or not available():
+    if codes.device.type != "cpu" or codes.shape[0] != out or not available(isa):
         return None
     s = scale.float().expand(out).contiguous()
     z = -((1 << bits) - 1) / 2 * s if zero is None else zero.float().expand(out).contiguous()
@@ -212,7 +218,7 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
         keep[rest_idx] = False
         codes, salient = full, keep.nonzero().squeeze(1)
     lb = LAYOUT_BITS[bits]
-    return LowbitDelta(layout(codes, lb), s, z.contiguous(), lb, (out, n), salient)
+    return LowbitDelta(layout(codes, lb), s, z.contiguous(), lb, (out, n), isa, salient)
 
 
 Form = tuple[LowbitDelta, int, int] | tuple[LowbitDelta, int, int, int]  # (delta, start, end[, column])
@@ -225,10 +231,11 @@ def sgmv(x: Tensor, y: Tensor, forms: Sequence[Form], isa: str | None = None) ->
     ``x: float32 [T, in]``, ``y: float32 [T, N]`` (both with unit column stride; ``y`` may be a
     column slice of a wider output). The forms' (rows, columns) regions must not overlap: the
     deltas of different experts take their own rows, the layers of a group (q/k/v) their own
-    columns. ``isa``: a build of :data:`ISAS` (None: the one in use). Raises RuntimeError if the
+    columns. ``isa``: a build of :data:`ISAS` (None: the best this CPU has). Raises RuntimeError if the
     kernel is unavailable or the forms do not fit ``x`` and ``y``.
     """
-    mod, why = _extension() if isa is None else _build(isa)
+    isa, why = choose(isa if isa is not None else "")
+    mod = None if isa is None else _build(isa)[0]
     if mod is None:
         raise RuntimeError(f"the low-bit CPU kernel is unavailable: {why}")
     if not forms:

@@ -1,7 +1,7 @@
-"""The Triton kernel behind :mod:`meswitch.engine.sgmv_triton` (semantics, shapes and layout: there).
+"""The Triton kernel behind :mod:`meswitch.engine.kernels.sgmv_triton` (semantics, shapes and layout: there).
 
 Kept apart because Triton resolves a kernel's helpers from its module's globals and imports at
-definition time; :mod:`~meswitch.engine.sgmv_triton` imports this module on first use only.
+definition time; :mod:`~meswitch.engine.kernels.sgmv_triton` imports this module on first use only.
 """
 
 import triton

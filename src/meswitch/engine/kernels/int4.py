@@ -1,4 +1,4 @@
-"""A fused low-bit CPU path for ``x @ delta^T``: the delta's codes in PyTorch's int4 weight-only layout.
+"""A low-bit CPU kernel path for ``x @ delta^T``: the delta's codes in PyTorch's int4 weight-only layout.
 
 ``torch._weight_int4pack_mm_for_cpu(x, w, g, sz)`` computes ``x @ W^T`` with
 ``W[j, i] = (q[j, i] - 8) * sz[i // g, j, 0] + sz[i // g, j, 1]`` from 4-bit codes ``q`` (0..15),
@@ -12,15 +12,14 @@ there (``x_scale[i] = 0``); sign2d's per-column scale goes into ``x_scale`` too:
     x @ delta^T = int4_mm((x * x_scale).bf16) + x[:, salient_idx] @ salient_cols^T
 
 Activations enter the kernel as bfloat16 (its fast path on CPUs without AVX512-BF16 too), so this
-path is approximate to bf16 precision in the delta term; :meth:`PackedDelta.matmul` stays the exact
+path is approximate to bf16 precision in the delta term; :meth:`~meswitch.engine.backends.forms.PackedForm.matmul` stays the exact
 reference.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -62,45 +61,10 @@ class Int4Delta:
 
         For callers that convert a step's rows once and reuse them across experts (unit-scale deltas).
         The kernel reads ``sz`` as contiguous whatever its strides (a column view gives wrong numbers
-        silently), so a view into stacked scales (:func:`concat`) is copied for the call.
+        silently), so a non-contiguous ``sz`` is copied for the call.
         """
         sz = self.sz if self.sz.is_contiguous() else self.sz.contiguous()
         return torch._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, sz)
-
-
-@functools.cache
-def row_block() -> int:
-    """Output rows the kernel's packed layout interleaves: packing stacked rows equals stacking packed blocks of this many."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (2 * 128, 64), dtype=torch.int32, generator=g)
-    for rows in (16, 32, 64, 128):
-        parts = [torch._convert_weight_to_int4pack_for_cpu(q[i : i + rows], 2) for i in (0, rows)]
-        if torch.equal(torch.cat(parts), torch._convert_weight_to_int4pack_for_cpu(q[: 2 * rows], 2)):
-            return rows
-    return 1 << 30  # no block size found: nothing stacks
-
-
-def concat(parts: list[Int4Delta]) -> tuple[Int4Delta, list[Int4Delta]] | None:
-    """Deltas of layers reading the same input (q/k/v, gate/up) as one kernel call over their stacked rows.
-
-    The kernel's layout interleaves the codes of :func:`row_block` output rows; parts whose rows
-    fill whole blocks (all but the last) stack along ``out`` (``packed``, and ``sz`` along its
-    ``out`` dim) so that ``mm(xb) == cat([p.mm(xb) for p in parts], 1)``, bit for bit. Returns the
-    stacked delta and the parts rebuilt over views of its ``packed`` and ``sz`` (held once), or None
-    unless every part is unit-scale with one group size.
-    """
-    if not parts or any(not p.unit_scale or p.group != parts[0].group for p in parts):
-        return None
-    if any(p.packed.shape[0] % row_block() for p in parts[:-1]):  # a block would straddle two parts
-        return None
-    packed, sz = torch.cat([p.packed for p in parts]), torch.cat([p.sz for p in parts], 1)
-    fused = Int4Delta(packed, parts[0].group, sz, parts[0].x_scale, packed.shape[0], True)
-    views, row = [], 0
-    for p in parts:
-        n = p.packed.shape[0]
-        views.append(replace(p, packed=packed[row : row + n], sz=sz[:, row : row + n]))
-        row += n
-    return fused, views
 
 
 def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, bits: int, shape: tuple[int, int],

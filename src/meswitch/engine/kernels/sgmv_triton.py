@@ -3,8 +3,8 @@
 Shapes: ``T`` rows of a step, ``S`` segments, ``E`` expert indices of a layer (its table rows),
 ``in``/``out`` the layer's features, ``k_e`` salient columns of expert ``e``, ``K_e = in - k_e``.
 The kernel reads each expert's codes straight from the store's packed little-endian bitstream
-(:mod:`meswitch.compress.pack`): ``bits_e / 8`` bytes per weight, no unpacked or dense copy. Its
-semantics, in plain PyTorch (:func:`~meswitch.engine.delta_linear.delta_matmul_reference` is the
+(:mod:`meswitch.deltas.pack`): ``bits_e / 8`` bytes per weight, no unpacked or dense copy. Its
+semantics, in plain PyTorch (:class:`~meswitch.engine.backends.base.ReferenceBackend` is the
 slow reference it is tested against)::
 
     for e, s, t in segments:                          # sorted rows [s, t) of expert e (-1: none)
@@ -38,13 +38,29 @@ import functools
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from meswitch.engine.delta_linear import PackedDelta
 from meswitch.engine.segments import Segments
+
+
+class PackedCodes(Protocol):
+    """A delta as the kernel reads it: the store's packed codes and grid (``engine.backends.forms.PackedForm``)."""
+
+    packed: Tensor  # uint8 [out, packed_cols(in - k, bits)]
+    scale: Tensor  # float32 [out] or [1]
+    zero: Tensor | None  # float32 [out]
+    col_scale: Tensor | None  # sign2d: not taken by the kernel
+    rest_idx: Tensor  # int64 [in - k]
+    salient_idx: Tensor  # int64 [k]
+    salient_cols: Tensor  # float32 [out, k]
+    bits: int
+    shape: tuple[int, int]
+
+    @property
+    def k(self) -> int: ...
 
 _INTS = 6  # bits, packed row stride (bytes), K_e, has rest_idx, has zq, scale stride
 _PTRS = 4  # codes, scale, zq, rest_idx
@@ -56,14 +72,9 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def usable(x: Tensor) -> bool:
-    """Whether serving should run ``x``'s mixed batches through the kernel: CUDA tensors, Triton present."""
-    return x.is_cuda and available()
-
-
 def supports(delta: object) -> bool:
-    """Whether the kernel computes this delta (a :class:`PackedDelta` without per-column scales)."""
-    return isinstance(delta, PackedDelta) and delta.col_scale is None
+    """Whether the kernel computes this delta (packed codes without per-column scales)."""
+    return isinstance(getattr(delta, "packed", None), Tensor) and getattr(delta, "col_scale", None) is None
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,23 +82,15 @@ class ExpertTable:
     """One layer's experts as the kernel reads them; rows for indices without a delta have ``bits = 0``.
 
     ``ptrs: int64 [E, 4]`` device addresses (codes, scale, zq, rest_idx), ``ints: int32 [E, 6]``,
-    ``keep``: the tensors those addresses point into (they must outlive the table), ``built_from``:
-    the ``(index, delta)`` pairs it was built from, held so that no id is reused while it lives.
+    ``keep``: the tensors those addresses point into (they must outlive the table).
     """
 
     ptrs: Tensor
     ints: Tensor
     keep: tuple[Tensor, ...]
-    built_from: tuple[tuple[int, object], ...]
-
-    def matches(self, deltas: Mapping[int, object]) -> bool:
-        """Whether ``deltas`` are exactly (same objects, same indices) what the table was built from."""
-        return len(deltas) == len(self.built_from) and all(
-            deltas.get(e) is d for e, d in self.built_from
-        )
 
     @classmethod
-    def build(cls, deltas: Mapping[int, PackedDelta], device: torch.device) -> ExpertTable:
+    def build(cls, deltas: Mapping[int, PackedCodes], device: torch.device) -> ExpertTable:
         """Rows for every ``deltas`` index the kernel :func:`supports`; others stay ``bits = 0``."""
         rows = max(deltas, default=-1) + 1
         ptrs = torch.zeros(rows, _PTRS, dtype=torch.int64)
@@ -105,7 +108,7 @@ class ExpertTable:
             ptrs[e] = torch.tensor([t.data_ptr() if t is not None else 0 for t in (codes, scale, zq, idx)])
             ints[e] = torch.tensor([d.bits, codes.shape[1], d.shape[1] - d.k, idx is not None, zq is not None,
                                     0 if scale.numel() == 1 else 1])
-        return cls(ptrs.to(device), ints.to(device), tuple(keep), tuple(deltas.items()))
+        return cls(ptrs.to(device), ints.to(device), tuple(keep))
 
 
 class Plan(NamedTuple):
@@ -177,7 +180,7 @@ def sgmv_delta(x: Tensor, segments: Segments, table: ExpertTable, y: Tensor, pla
     return y
 
 
-def add_salient(x: Tensor, segments: Segments, deltas: Mapping[int, PackedDelta], y: Tensor) -> Tensor:
+def add_salient(x: Tensor, segments: Segments, deltas: Mapping[int, PackedCodes], y: Tensor) -> Tensor:
     """``y[rows of e] += x[rows of e][:, salient_idx_e] @ salient_cols_e^T`` for experts with ``k_e > 0``."""
     for j, (e, s, t) in enumerate(segments):
         d = deltas.get(e)
@@ -191,6 +194,6 @@ def add_salient(x: Tensor, segments: Segments, deltas: Mapping[int, PackedDelta]
 
 @functools.cache
 def _kernel():  # noqa: ANN202 - a triton.JITFunction; imported on first use so that importing needs no Triton
-    from meswitch.engine.sgmv_kernel import sgmv
+    from meswitch.engine.kernels.sgmv_kernel import sgmv
 
     return sgmv
