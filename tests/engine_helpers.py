@@ -1,13 +1,17 @@
-"""Builders for engine tests: tiny random Llama bases, perturbed experts, stores of their deltas."""
+"""Builders for engine, front and server tests: tiny random Llama bases, perturbed experts, stores of
+their deltas, and a keyword router that stands in for ``meswitch.router``."""
 
 from __future__ import annotations
 
 import copy
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from meswitch.compress.codec import encode_delta
+from meswitch.engine.model import SeqSlice, StepBatch
 from meswitch.store import DeltaStore, base_info, fingerprint_model
 
 VOCAB = 49152  # the SmolLM2 tokenizer's
@@ -66,3 +70,89 @@ def tiny_base(seed: int = 0, layers: int = 2):
         eos_token_id=2, bos_token_id=1,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+EXPERTS = ("math", "code", "general")  # the zoo's expert names
+
+
+def build_tiny(root: Path):
+    """A tiny base and a lossless store (under ``root``) of three perturbed experts named like the zoo's."""
+    base = tiny_base()
+    experts = {name: perturbed(base, i + 1) for i, name in enumerate(EXPERTS)}
+    return base, make_store(root / "store", base, experts)
+
+
+def make_engine(tiny, tok, **kw):
+    """An engine over ``tiny`` (``build_tiny``'s pair) with a fresh copy of its base; ``kw``: EngineConfig fields."""
+    from meswitch.engine import Engine, EngineConfig
+
+    base, store = tiny
+    return Engine(store, copy.deepcopy(base), tok, EngineConfig(**kw))
+
+
+@dataclass(frozen=True)
+class Decision:
+    expert: str
+    domain: str
+    confidence: float
+    fallback: bool
+    top_k: tuple = ()
+
+
+class KeywordRouter:
+    """Stands in for ``meswitch.router``: digits -> math, 'def' -> code, else general (fixed confidences).
+
+    ``seen``: every text it classified, with the name of the thread that asked.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def route(self, texts: list[str]) -> list[Decision]:
+        out = []
+        for t in texts:
+            self.seen.append((t, threading.current_thread().name))
+            if any(ch.isdigit() for ch in t):
+                out.append(Decision("math", "math", 0.875, False))
+            elif "def " in t:
+                out.append(Decision("code", "code", 0.75, False))
+            else:
+                out.append(Decision("general", "general", 0.5, True))
+        return out
+
+
+def teacher_forced_logits(engine, seqs: dict[str, list[int]], prefill: int) -> dict[str, torch.Tensor]:
+    """Run every sequence in one batch: prefill ``prefill`` tokens, then decode the rest one token per step.
+
+    Returns ``{expert: [len - prefill + 1, V]}``: the logits after each step (a mixed batch every step).
+    """
+    names = list(seqs)
+    idx = {n: (-1 if n == "base" else engine.pool.lookup(n)) for n in names}
+    for n in names:
+        if idx[n] >= 0:
+            engine.pool.acquire(idx[n])
+    cache = engine.model.new_cache(len(names), 64)
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    first = [SeqSlice(i, 0, prefill, idx[n]) for i, n in enumerate(names)]
+    ids = torch.tensor([t for n in names for t in seqs[n][:prefill]])
+    logits = engine.model(ids, StepBatch.build(first), cache)
+    for i, n in enumerate(names):
+        out[n].append(logits[i])
+    for pos in range(prefill, len(next(iter(seqs.values())))):
+        step = [SeqSlice(i, pos, 1, idx[n]) for i, n in enumerate(names)]
+        logits = engine.model(torch.tensor([seqs[n][pos] for n in names]), StepBatch.build(step), cache)
+        for i, n in enumerate(names):
+            out[n].append(logits[i])
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def hf_logits(model, ids: list[int], prefill: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, prefill - 1 :]
+
+
+def small_config(**kw):
+    """A compression config sized for tiny models: 4 calibration blocks of 128 tokens, 2 held out."""
+    from meswitch.compress.config import CompressConfig
+
+    return CompressConfig(calib_blocks=4, eval_blocks=2, calib_len=128, **kw)

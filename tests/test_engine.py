@@ -7,21 +7,28 @@ import copy
 import pytest
 import torch
 
-from meswitch.compress.apply import apply_delta
-from meswitch.engine import Engine, EngineConfig, Request, SamplingParams, lowbit_cpu
+from meswitch.deltas.apply import apply_delta
+from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
 from meswitch.engine.errors import (
     BudgetError,
     ContextLengthError,
     InvalidRequestError,
     PromptTooLongError,
-    RoutingUnavailableError,
     UnknownModelError,
 )
+from meswitch.engine.kernels import lowbit_cpu
 from meswitch.engine.layers import ExpertLinear
-from meswitch.engine.model import SeqSlice, StepBatch
+from meswitch.engine.request import Route
 from meswitch.store import DeltaStore
 from meswitch.store.errors import BaseMismatchError
-from tests.engine_helpers import expert_layers, make_store, perturbed, tiny_base
+from tests.engine_helpers import (
+    expert_layers,
+    hf_logits,
+    make_store,
+    perturbed,
+    teacher_forced_logits,
+    tiny_base,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPTS = ["Hello there, how are", "def add(a, b):", "What is 7 times 6?", "The weather today"]
@@ -49,70 +56,41 @@ def _engine(store, base, tok, **kw) -> Engine:
     return Engine(store, copy.deepcopy(base), tok, EngineConfig(**kw))
 
 
-def _teacher_forced_logits(engine: Engine, seqs: dict[str, list[int]], prefill: int) -> dict[str, torch.Tensor]:
-    """Run every sequence in one batch: prefill ``prefill`` tokens, then decode the rest one token per step.
-
-    Returns ``{expert: [len - prefill + 1, V]}``: the logits after each step (a mixed batch every step).
-    """
-    names = list(seqs)
-    idx = {n: (-1 if n == "base" else engine.pool.lookup(n)) for n in names}
-    for n in names:
-        if idx[n] >= 0:
-            engine.pool.acquire(idx[n])
-    cache = engine.model.new_cache(len(names), 64)
-    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    first = [SeqSlice(i, 0, prefill, idx[n]) for i, n in enumerate(names)]
-    ids = torch.tensor([t for n in names for t in seqs[n][:prefill]])
-    logits = engine.model(ids, StepBatch.build(first), cache)
-    for i, n in enumerate(names):
-        out[n].append(logits[i])
-    for pos in range(prefill, len(next(iter(seqs.values())))):
-        step = [SeqSlice(i, pos, 1, idx[n]) for i, n in enumerate(names)]
-        logits = engine.model(torch.tensor([seqs[n][pos] for n in names]), StepBatch.build(step), cache)
-        for i, n in enumerate(names):
-            out[n].append(logits[i])
-    return {n: torch.stack(v) for n, v in out.items()}
-
-
-def _hf_logits(model, ids: list[int], prefill: int) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, prefill - 1 :]
-
-
 def test_lossless_deltas_reproduce_each_expert_in_a_mixed_batch(models, lossless, smollm_tokenizer):
     base, experts = models
     eng = _engine(lossless, base, smollm_tokenizer)
     g = torch.Generator().manual_seed(0)
     seqs = {n: torch.randint(0, 49152, (12,), generator=g).tolist() for n in ["a", "base", "b", "c"]}
-    got = _teacher_forced_logits(eng, seqs, prefill=5)
+    got = teacher_forced_logits(eng, seqs, prefill=5)
     for name, ids in seqs.items():
-        want = _hf_logits(base if name == "base" else experts[name], ids, 5)
+        want = hf_logits(base if name == "base" else experts[name], ids, 5)
         torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0, msg=f"expert {name}")
 
 
 def test_quantized_deltas_match_transformers_model_with_dequantized_weights(models, quantized, smollm_tokenizer):
     base, experts = models
-    exact = _engine(quantized, base, smollm_tokenizer, delta_cache=None)  # codes unpacked: the exact path
-    fused = _engine(quantized, base, smollm_tokenizer, delta_cache="int4")  # bf16 in the delta term
+    exact = _engine(quantized, base, smollm_tokenizer, backend="reference")  # the exact path
+    fused = _engine(quantized, base, smollm_tokenizer, backend="int4")  # bf16 in the delta term
     low = _engine(quantized, base, smollm_tokenizer)  # the default, "lowbit": int8 activations in the delta term
     g = torch.Generator().manual_seed(1)
     seqs = {n: torch.randint(0, 49152, (10,), generator=g).tolist() for n in ["b", "a"]}
-    got, approx = _teacher_forced_logits(exact, seqs, prefill=4), _teacher_forced_logits(fused, seqs, prefill=4)
-    approx_low = _teacher_forced_logits(low, seqs, prefill=4)
-    forms = {d.resident for m in low.model.modules() if isinstance(m, ExpertLinear) for d in m.deltas.values()}
-    assert forms == ({"lowbit"} if lowbit_cpu.available() else {"int4"})
+    got, approx = teacher_forced_logits(exact, seqs, prefill=4), teacher_forced_logits(fused, seqs, prefill=4)
+    approx_low = teacher_forced_logits(low, seqs, prefill=4)
+    forms = {type(d).__name__ for m in low.model.modules() if isinstance(m, ExpertLinear) for d in m.deltas.values()}
+    assert low.backend_selection.backend.name == ("lowbit" if lowbit_cpu.available() else "int4")
+    assert forms == ({"LowbitForm"} if lowbit_cpu.available() else {"Int4Form"})
     for name, ids in seqs.items():
         layers, entry = quantized.load_expert(name)
-        want = _hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
+        want = hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
         torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0)
         torch.testing.assert_close(approx[name], want, atol=2e-2, rtol=0)
         torch.testing.assert_close(approx_low[name], want, atol=2e-2, rtol=0)
         # and the quantized expert is not simply the fine-tune itself
-        assert (got[name] - _hf_logits(experts[name], ids, 4)).abs().max() > 1e-3
+        assert (got[name] - hf_logits(experts[name], ids, 4)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kw", [{}, {"max_merged": 0}, {"max_merged": 0, "delta_cache": "dense"},
-                                {"max_merged": 1, "delta_cache": "int4"}, {"max_merged": 0, "delta_cache": "int4"},
+@pytest.mark.parametrize("kw", [{}, {"max_merged": 0}, {"max_merged": 0, "backend": "dense"},
+                                {"max_merged": 1, "backend": "int4"}, {"max_merged": 0, "backend": "int4"},
                                 {"max_batch": 2}])
 def test_mixed_batch_greedy_equals_each_request_alone(models, quantized, smollm_tokenizer, kw):
     base, _ = models
@@ -214,11 +192,11 @@ def test_residency_budget_evicts_least_recently_used_and_measures_loads(models, 
     one = max(quantized.total_bytes(n) for n in quantized.experts)
     with pytest.raises(BudgetError, match="smaller than one expert"):
         _engine(quantized, base, smollm_tokenizer, max_resident_bytes=one - 1)
-    probe = _engine(quantized, base, smollm_tokenizer, delta_cache=None)  # packed deltas only, no dense cache
+    probe = _engine(quantized, base, smollm_tokenizer, backend="reference")  # packed deltas only, no dense cache
     probe.pool.pin("a")
     held = probe.pool.resident_bytes()  # in memory: a little more than on disk (float32 salient columns)
     assert one <= held < 2 * one
-    eng = _engine(quantized, base, smollm_tokenizer, max_resident_bytes=int(2.5 * held), delta_cache=None)
+    eng = _engine(quantized, base, smollm_tokenizer, max_resident_bytes=int(2.5 * held), backend="reference")
     reference = _engine(quantized, base, smollm_tokenizer)
     for name in ["a", "b", "c", "a"]:
         r = Request(prompt=PROMPTS[0], expert=name, params=GREEDY)
@@ -237,7 +215,7 @@ def test_residency_budget_evicts_least_recently_used_and_measures_loads(models, 
 def test_a_batch_waits_while_the_budget_is_full_of_busy_experts(models, quantized, smollm_tokenizer):
     base, _ = models
     one = max(quantized.total_bytes(n) for n in quantized.experts)
-    eng = _engine(quantized, base, smollm_tokenizer, max_resident_bytes=int(1.5 * one), delta_cache=None)
+    eng = _engine(quantized, base, smollm_tokenizer, max_resident_bytes=int(1.5 * one), backend="reference")
     reqs = [Request(prompt=PROMPTS[i], expert=e, params=GREEDY) for i, e in enumerate(["a", "b", "a"])]
     outs = eng.generate(reqs)
     ref = _engine(quantized, base, smollm_tokenizer)
@@ -261,7 +239,7 @@ def test_bad_requests_get_specific_errors(models, quantized, smollm_tokenizer):
         eng.add_request(Request(prompt="x" * 10_000_000))  # refused without tokenizing 10 MB
     with pytest.raises(ContextLengthError):
         eng.add_request(Request(prompt="hi", params=SamplingParams(max_tokens=64)))
-    with pytest.raises(RoutingUnavailableError):
+    with pytest.raises(UnknownModelError, match="no expert 'auto'"):  # routing is the front's (meswitch.front)
         eng.add_request(Request(prompt="hi", expert="auto"))
     capped = _engine(quantized, base, smollm_tokenizer, max_prompt_tokens=5)
     with pytest.raises(PromptTooLongError, match="at most 5 prompt tokens"):
@@ -327,30 +305,6 @@ def _fp(model):
     return fingerprint_model(model), base_info(model)
 
 
-class _KeywordRouter:
-    """A stand-in router: 'code' if the text mentions def, else 'b' with low confidence (fallback)."""
-
-    def route(self, texts, top_k=1):
-        from types import SimpleNamespace
-
-        return [SimpleNamespace(expert="a", domain="code", confidence=0.93, fallback=False) if "def" in t
-                else SimpleNamespace(expert="b", domain="general", confidence=0.41, fallback=True) for t in texts]
-
-
-def test_auto_requests_are_routed_and_report_the_decision(models, quantized, smollm_tokenizer):
-    base, _ = models
-    eng = Engine(quantized, copy.deepcopy(base), smollm_tokenizer, EngineConfig(), router=_KeywordRouter())
-    outs = eng.generate([Request(messages=[{"role": "user", "content": "def f(x): pass"}], expert="auto",
-                                 params=GREEDY),
-                         Request(prompt="hello", expert="auto", params=GREEDY)])
-    assert [o.expert for o in outs] == ["a", "b"]
-    assert outs[0].route.as_dict() == {"expert": "a", "domain": "code", "confidence": 0.93, "fallback": False}
-    assert outs[1].route.fallback
-    direct = eng.generate(Request(messages=[{"role": "user", "content": "def f(x): pass"}], expert="a",
-                                  params=GREEDY))[0]
-    assert outs[0].token_ids == direct.token_ids and direct.route is None
-
-
 def test_extreme_sampling_values_never_break_the_batch(models, quantized, smollm_tokenizer):
     base, _ = models
     eng = _engine(quantized, base, smollm_tokenizer)
@@ -363,15 +317,21 @@ def test_extreme_sampling_values_never_break_the_batch(models, quantized, smollm
     assert outs[0].token_ids == greedy and outs[1].token_ids == greedy  # both reduce to the top token
 
 
-def test_describe_request_reports_expert_and_route(models, quantized, smollm_tokenizer):
+def test_describe_request_reports_expert_and_the_route_it_was_given(models, quantized, smollm_tokenizer):
     base, _ = models
-    eng = Engine(quantized, copy.deepcopy(base), smollm_tokenizer, EngineConfig(), router=_KeywordRouter())
-    rid = eng.add_request(Request(prompt="def g(): pass", expert="auto", params=GREEDY))
-    expert, route = eng.describe_request(rid)
-    assert expert == "a" and route.domain == "code"
+    eng = _engine(quantized, base, smollm_tokenizer)
+    route = Route("a", "code", 0.93, False)
+    rid = eng.add_request(Request(prompt="def g(): pass", expert="a", route=route, params=GREEDY))
+    assert eng.describe_request(rid) == ("a", route)
     assert eng.describe_request(eng.add_request(Request(prompt="x", params=GREEDY))) == (None, None)
     with pytest.raises(KeyError):
         eng.describe_request("nope")
+    done = {}
+    while eng.has_unfinished():
+        done.update({e.request_id: e.completion for e in eng.step() if e.completion})
+    assert (done[rid].expert, done[rid].route) == ("a", route)
+    with pytest.raises(InvalidRequestError, match="its route chose 'a'"):
+        eng.add_request(Request(prompt="x", expert="b", route=route, params=GREEDY))
 
 
 def test_a_request_whose_sampling_fails_ends_alone(models, quantized, smollm_tokenizer, monkeypatch):
@@ -397,7 +357,7 @@ def test_a_request_whose_sampling_fails_ends_alone(models, quantized, smollm_tok
 def test_an_expert_alone_for_merge_after_steps_gets_merged_weights(models, quantized, smollm_tokenizer):
     base, _ = models
     eng = _engine(quantized, base, smollm_tokenizer, max_merged=1, merge_after=3)
-    exact = _engine(quantized, base, smollm_tokenizer, max_merged=0, delta_cache=None)
+    exact = _engine(quantized, base, smollm_tokenizer, max_merged=0, backend="reference")
     r = Request(prompt=PROMPTS[0], expert="b", params=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
     assert eng.generate(r)[0].token_ids == exact.generate(r)[0].token_ids
     snap = eng.pool.snapshot()

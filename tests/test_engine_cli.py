@@ -26,7 +26,7 @@ def saved(tmp_path_factory, smollm_tokenizer):
 
 def test_from_store_loads_the_recorded_base_and_matches_a_direct_engine(saved, smollm_tokenizer):
     root, store = saved
-    eng = Engine.from_store(root / "store", router=None)
+    eng = Engine.from_store(root / "store")
     assert eng.experts == ["a", "b"]
     r = Request(prompt="Hello", expert="b", params=SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     direct = Engine(store, tiny_base(), smollm_tokenizer, EngineConfig())
@@ -46,3 +46,24 @@ def test_generate_cli_json_and_errors(saved, capsys):
     assert main(["generate", str(root / "store"), "Hi", "--expert", "zzz"]) == 2
     assert "no expert 'zzz'" in capsys.readouterr().err
     assert main(["generate", str(root / "store"), "Hi", "--max-tokens", "0"]) == 2
+    assert main(["generate", str(root / "store"), "Hi", "--expert", "auto"]) == 2  # the store has no router
+    assert "expert 'auto' needs a router" in capsys.readouterr().err
+
+
+def test_generate_cli_runs_on_the_backend_it_is_given(saved, capsys):
+    root, _ = saved
+    args = ["generate", str(root / "store"), "Hi", "--expert", "a", "--max-tokens", "4", "--json"]
+    assert main([*args, "--backend", "reference"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert main([*args, "--backend", "pytorch"]) == 0  # same float32 arithmetic, products from the parts
+    assert json.loads(capsys.readouterr().out)[0]["token_ids"] == exact[0]["token_ids"]
+    assert main([*args, "--backend", "fast"]) == 2
+    assert "unknown delta backend 'fast'" in capsys.readouterr().err
+
+
+def test_the_engine_says_which_backend_it_chose(saved, smollm_tokenizer):
+    _, store = saved
+    eng = Engine(store, tiny_base(), smollm_tokenizer, EngineConfig(backend="triton"))  # no GPU here
+    assert eng.backend_selection.backend.name == "pytorch"
+    assert "triton: the triton backend runs on CUDA devices only" in eng.backend_selection.describe()
+    assert eng.stats()["backend"] == "pytorch on cpu"

@@ -9,6 +9,7 @@ by the kill ending in a clean error, never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import socket
 import time
@@ -23,13 +24,16 @@ serve = pytest.importorskip("ray.serve", reason="the `ray` extra is not installe
 
 import ray  # noqa: E402
 
-from meswitch.engine import Engine, EngineConfig  # noqa: E402
+from meswitch.engine import Completion, Engine, EngineConfig, Request, StreamEvent, Usage  # noqa: E402
+from meswitch.engine.errors import UnknownModelError  # noqa: E402
+from meswitch.front import Front  # noqa: E402
 from meswitch.model.checkpoint import save_checkpoint  # noqa: E402
 from meswitch.ray_app import RayAppConfig  # noqa: E402
 from meswitch.ray_app.launch import deploy  # noqa: E402
-from meswitch.server import ServerConfig, ThreadedServer, create_app  # noqa: E402
-from tests.engine_helpers import make_store, perturbed, tiny_base  # noqa: E402
-from tests.test_server import EXPERTS, KeywordRouter  # noqa: E402
+from meswitch.ray_app.messages import Accepted  # noqa: E402
+from meswitch.ray_app.remote import RemoteEngine  # noqa: E402
+from meswitch.server import ServerConfig, ThreadedServer, engine_app  # noqa: E402
+from tests.engine_helpers import EXPERTS, KeywordRouter, make_store, perturbed, tiny_base  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = {"temperature": 0, "max_tokens": 12}
@@ -73,8 +77,8 @@ def ray_url(saved):
 @pytest.fixture(scope="module")
 def local_url(saved):
     """The single-process server on the same store: what the Ray application must reproduce."""
-    engine = Engine.from_store(saved, config=EngineConfig(max_batch=4), router=KeywordRouter())
-    with ThreadedServer(create_app(engine, ServerConfig(max_tokens=200))) as server:
+    engine = Engine.from_store(saved, config=EngineConfig(max_batch=4))
+    with ThreadedServer(engine_app(engine, KeywordRouter(), ServerConfig(max_tokens=200))) as server:
         yield server.url
 
 
@@ -243,6 +247,55 @@ def test_a_killed_replica_is_restarted_and_traffic_goes_on(ray_url):
     results = [ask(ray_url, "chat", "auto", q) for q in QUESTIONS]
     assert all(r["finish"] in ("stop", "length") for r in results)
     assert victim not in {r["replica"] for r in results}
+
+
+class _FakeReplicas:
+    """Stands in for the replicas' DeploymentHandle: records what it is sent and answers as an engine would."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict, Request]] = []
+        self._options: dict = {}
+
+    def options(self, **kw) -> _FakeReplicas:
+        self._options = kw
+        return self
+
+    @property
+    def generate(self) -> _FakeReplicas:
+        return self
+
+    def remote(self, request: Request):
+        self.sent.append((self._options, request))
+
+        async def stream():
+            yield Accepted(request.request_id, request.expert, "replica-1")
+            comp = Completion(request.request_id, "ok", [1], "stop", request.expert, Usage(2, 1), request.route)
+            yield StreamEvent(request.request_id, "ok", [1], comp)
+
+        return stream()
+
+
+def test_remote_engine_sends_the_fronts_expert_and_route_to_the_replicas():
+    replicas = _FakeReplicas()
+    remote = RemoteEngine(replicas, list(EXPERTS), max_pending=4)
+    front = Front(remote.experts, KeywordRouter())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UnknownModelError):  # the client serves named experts only: "auto" is the front's
+            remote.submit_nowait(Request(prompt="What is 2 plus 2?", expert="auto"), loop)
+        request = front.resolve(Request(prompt="What is 2 plus 2?", expert="auto"))
+        handle, admitted = remote.submit_nowait(request, loop)
+        accepted = await asyncio.wrap_future(admitted)
+        events = [ev async for ev in remote.stream(handle)]
+        return request, handle, accepted, events
+
+    request, handle, accepted, events = asyncio.run(main())
+    assert [(o["multiplexed_model_id"], r.expert, r.route) for o, r in replicas.sent] == [
+        ("math", "math", request.route)]
+    assert (accepted.expert, accepted.route.domain, handle.replica) == ("math", "math", "replica-1")
+    assert events[-1].completion.route == request.route and remote.pending == 0
+    assert remote.stats().result(1) is None
 
 
 def test_cli_flags_build_the_config(saved):

@@ -6,84 +6,23 @@ stand-in, so every test runs in well under a second once the module's server is 
 
 from __future__ import annotations
 
-import copy
 import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 
-from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
+from meswitch.engine import Engine, Request, SamplingParams
 from meswitch.engine.background import BackgroundEngine
-from meswitch.server import ServerConfig, create_app
+from meswitch.front import Front
+from meswitch.server import ServerConfig, create_app, engine_app
 from meswitch.server.middleware import key_matches
-from tests.engine_helpers import make_store, perturbed, tiny_base
-
-KEY = "test-key-0123456789"
-EXPERTS = ("math", "code", "general")
-
-
-@dataclass(frozen=True)
-class Decision:
-    expert: str
-    domain: str
-    confidence: float
-    fallback: bool
-    top_k: tuple = ()
-
-
-class KeywordRouter:
-    """Stands in for ``meswitch.router``: digits -> math, 'def' -> code, else general (fixed confidences)."""
-
-    def route(self, texts: list[str]) -> list[Decision]:
-        out = []
-        for t in texts:
-            if any(ch.isdigit() for ch in t):
-                out.append(Decision("math", "math", 0.875, False))
-            elif "def " in t:
-                out.append(Decision("code", "code", 0.75, False))
-            else:
-                out.append(Decision("general", "general", 0.5, True))
-        return out
-
-
-class LiveServer:
-    """uvicorn serving ``app`` on 127.0.0.1 on a free port, in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
-def build_tiny(root):
-    """A tiny base and a lossless store of three perturbed experts named like the zoo's."""
-    base = tiny_base()
-    experts = {name: perturbed(base, i + 1) for i, name in enumerate(EXPERTS)}
-    return base, make_store(root / "store", base, experts)
+from tests.engine_helpers import EXPERTS, KeywordRouter, build_tiny, make_engine
+from tests.server_helpers import KEY, LiveServer
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +33,14 @@ def tiny(tmp_path_factory):
 ROUTER = KeywordRouter()
 
 
-def make_engine(tiny, tok, router=ROUTER, **kw) -> Engine:
-    base, store = tiny
-    return Engine(store, copy.deepcopy(base), tok, EngineConfig(**kw), router=router)
-
-
 @pytest.fixture(scope="module")
 def served(tiny, smollm_tokenizer) -> Iterator[tuple[LiveServer, BackgroundEngine]]:
     bg = BackgroundEngine(make_engine(tiny, smollm_tokenizer, max_batch=4), max_pending=6)
     config = ServerConfig(api_key=KEY, max_tokens=200, max_pending=6, max_body_bytes=256 * 1024, body_timeout_s=1.5)
-    with bg, LiveServer(create_app(bg, config)) as server:
+    front = Front(bg.experts, ROUTER, max_queued=6)
+    with bg, LiveServer(create_app(bg, front, config)) as server:
         yield server, bg
+    front.close()
 
 
 @pytest.fixture(scope="module")
@@ -210,13 +146,23 @@ def test_auto_routes_and_reports_the_expert(client, question, expert, confidence
 
 
 def test_auto_without_a_router_is_a_clear_400(tiny, smollm_tokenizer):
-    app = create_app(make_engine(tiny, smollm_tokenizer, router=None))
+    app = engine_app(make_engine(tiny, smollm_tokenizer))
     with LiveServer(app) as server:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         assert sorted(m.id for m in c.models.list().data) == sorted(EXPERTS)
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="auto", messages=CHAT, max_tokens=2)
         assert e.value.body["code"] == "routing_unavailable" and e.value.body["param"] == "model"
+
+
+def test_auto_is_routed_on_the_last_user_message_off_the_engine_thread(client):
+    messages = [{"role": "system", "content": "Answer in 3 words."}, {"role": "user", "content": "What is 2 plus 2?"},
+                {"role": "assistant", "content": "Four."}, {"role": "user", "content": "Now def twice(x): ..."}]
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=messages, **GREEDY)
+    assert raw.headers["x-meswitch-expert"] == "code"
+    text, thread = ROUTER.seen[-1]
+    assert text == "Now def twice(x): ..."
+    assert thread.startswith("meswitch-route")  # the front's thread: neither the event loop nor the engine's
 
 
 # ---- bad input: a specific 4xx in the OpenAI shape, never a 500 -------------------------------------
@@ -455,3 +401,33 @@ def test_unknown_routes_and_methods_are_openai_errors(served):
         assert _error(c.get("/v1/nothing"))["code"] == "not_found"
         resp = c.get("/v1/chat/completions")
         assert resp.status_code == 405 and _error(resp)["code"] == "method_not_allowed"
+
+
+# ---- the `meswitch serve` command ------------------------------------------------------------------
+
+
+def test_serve_command_calls_serve_with_its_flags_and_the_configs_defaults(monkeypatch):
+    from meswitch.cli import main
+    from meswitch.engine import EngineConfig
+    from meswitch.server.config import DEFAULT_HOST, DEFAULT_PORT
+
+    calls: list[dict] = []
+    monkeypatch.setattr("meswitch.server.app.serve", lambda store, **kw: calls.append({"store": store, **kw}))
+    monkeypatch.delenv("MESWITCH_API_KEY", raising=False)
+    assert main(["serve", "STORE"]) == 0
+    plain = calls[-1]
+    assert (str(plain["store"]), plain["host"], plain["port"], plain["router"]) == ("STORE", DEFAULT_HOST,
+                                                                                   DEFAULT_PORT, True)
+    assert plain["config"] == ServerConfig()
+    assert plain["engine_config"] == EngineConfig(max_waiting=ServerConfig.max_pending)
+    assert main(["serve", "STORE", "--host", "0.0.0.0", "--port", "9001", "--api-key", "k", "--base", "B",
+                 "--max-concurrency", "5", "--max-batch", "3", "--max-context", "128", "--max-prompt-tokens", "64",
+                 "--max-tokens", "32", "--max-body-bytes", "4096", "--body-timeout", "2.5",
+                 "--max-resident-bytes", "1000", "--no-router", "--log-level", "warning"]) == 0
+    given = calls[-1]
+    assert (given["host"], given["port"], str(given["base"]), given["router"], given["log_level"]) == (
+        "0.0.0.0", 9001, "B", False, "warning")
+    assert given["config"] == ServerConfig(api_key="k", max_tokens=32, max_pending=5, max_body_bytes=4096,
+                                           body_timeout_s=2.5)
+    assert given["engine_config"] == EngineConfig(max_batch=3, max_context=128, max_prompt_tokens=64, max_waiting=5,
+                                                  max_resident_bytes=1000)

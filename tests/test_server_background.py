@@ -8,9 +8,10 @@ import threading
 import pytest
 
 from meswitch.engine import Request, SamplingParams
-from meswitch.engine.background import BackgroundEngine, EngineStoppedError
-from meswitch.engine.errors import EngineOverloadedError, UnknownModelError
-from tests.test_server import build_tiny, make_engine
+from meswitch.engine.background import BackgroundEngine
+from meswitch.engine.errors import EngineOverloadedError, EngineStoppedError, UnknownModelError
+from meswitch.front import Front
+from tests.engine_helpers import KeywordRouter, build_tiny, make_engine
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 PROMPTS = ["Hello there, how are", "def add(a, b):", "What is 7 times 6?", "The weather today"]
@@ -61,11 +62,12 @@ def test_many_threads_get_what_the_engine_gives_alone(tiny, smollm_tokenizer):
     assert set(callers) == {"meswitch-engine"}
 
 
-def test_async_handles_and_admission_info(tiny, smollm_tokenizer):
+def test_async_handles_carry_the_route_the_front_chose(tiny, smollm_tokenizer):
     engine = make_engine(tiny, smollm_tokenizer)
+    front = Front(engine.experts, KeywordRouter())
 
     async def main(bg: BackgroundEngine) -> list:
-        handles = await asyncio.gather(*(bg.submit_async(Request(prompt=p, expert="auto", params=GREEDY))
+        handles = await asyncio.gather(*(bg.submit_async(front.resolve(Request(prompt=p, expert="auto", params=GREEDY)))
                                          for p in ["What is 2 plus 2?", "def f(x): pass"]))
         assert [(h.expert, h.route.domain) for h in handles] == [("math", "math"), ("code", "code")]
         return [await h.result() for h in handles]
@@ -111,3 +113,25 @@ def test_shutdown_cancels_what_is_in_flight_and_refuses_more(tiny, smollm_tokeni
     assert list(h)[-1].completion.finish_reason == "cancelled"
     with pytest.raises(EngineStoppedError):
         bg.submit(Request(prompt="hi", expert="code", params=GREEDY))
+
+
+@pytest.mark.parametrize("client_path", ["meswitch.engine.background.BackgroundEngine",
+                                         "meswitch.ray_app.remote.RemoteEngine"])
+def test_each_engine_client_has_every_member_of_the_protocol(client_path):
+    import importlib
+    import inspect
+
+    from meswitch.engine.client import EngineClient
+
+    module, name = client_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    members = [m for m in vars(EngineClient) if not m.startswith("_")]
+    assert {"submit_nowait", "stream", "abort", "experts", "stats", "alive", "pending"} <= set(members)
+    for member in members:
+        want, got = inspect.getattr_static(EngineClient, member), inspect.getattr_static(cls, member, None)
+        assert got is not None, f"{name} lacks {member}"
+        if isinstance(want, property):
+            assert isinstance(got, property), f"{name}.{member} should be a property"
+            continue
+        params = list(inspect.signature(want).parameters)
+        assert list(inspect.signature(got).parameters)[: len(params)] == params, f"{name}.{member} signature"

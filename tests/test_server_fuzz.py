@@ -11,8 +11,10 @@ from collections import Counter
 import pytest
 
 from meswitch.engine.background import BackgroundEngine
+from meswitch.front import Front
 from meswitch.server import ServerConfig, create_app
-from tests.test_server import KEY, LiveServer, build_tiny, make_engine
+from tests.engine_helpers import KeywordRouter, build_tiny, make_engine
+from tests.server_helpers import KEY, LiveServer
 
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
@@ -24,8 +26,10 @@ EXAMPLES = int(os.environ.get("MESWITCH_FUZZ_EXAMPLES", "25"))
 def served(tmp_path_factory, smollm_tokenizer):
     engine = make_engine(build_tiny(tmp_path_factory.mktemp("fuzz")), smollm_tokenizer, max_batch=4)
     config = ServerConfig(api_key=KEY, max_tokens=8, max_pending=16, max_body_bytes=64 * 1024, body_timeout_s=5)
-    with BackgroundEngine(engine, max_pending=16) as bg, LiveServer(create_app(bg, config)) as server:
+    front = Front(engine.experts, KeywordRouter(), max_queued=16)
+    with BackgroundEngine(engine, max_pending=16) as bg, LiveServer(create_app(bg, front, config)) as server:
         yield server, bg
+    front.close()
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--base", type=Path, help="base checkpoint (default: the one the store records)")
+    p.add_argument("--backend", default="auto", help="delta backend: auto (default: the fastest that runs here), lowbit, int4, pytorch, dense, reference or triton (docs/engine.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -27,14 +28,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from meswitch.cli.render import print_json
-    from meswitch.engine import Engine, Request, SamplingParams
+    from meswitch.engine import EngineConfig, Request, SamplingParams
+    from meswitch.front import AUTO, RoutedEngine
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop))
     reqs = [Request(prompt=t, expert=args.expert, params=params) if args.raw
             else Request(messages=[{"role": "user", "content": t}], expert=args.expert, params=params)
             for t in args.prompt]
-    engine = Engine.from_store(args.store, base=args.base)
+    engine = RoutedEngine.from_store(args.store, base=args.base, config=EngineConfig(backend=args.backend),
+                                     router="auto" if args.expert == AUTO else None)
     if args.json or len(reqs) > 1:
         outs = engine.generate(reqs)
         if args.json:

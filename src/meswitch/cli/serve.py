@@ -11,39 +11,52 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    # Defaults come from the config dataclasses (cheap to import); engine settings left unset (None)
+    # take EngineConfig's defaults when the command runs (its module imports torch).
+    from meswitch.ray_app.config import RayAppConfig
+    from meswitch.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
+
     p = sub.add_parser("serve", help="serve a store's experts over an OpenAI-compatible HTTP API")
     p.add_argument("store", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $MESWITCH_API_KEY)")
     p.add_argument("--base", type=Path, help="base checkpoint (default: the path recorded in the store)")
-    p.add_argument("--max-concurrency", type=int, default=64,
-                   help="requests in flight (running + waiting) before 429 (default 64)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-concurrency", type=int, default=ServerConfig.max_pending,
+                   help="requests in flight (running + waiting) before 429 (default %(default)s)")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together (default: EngineConfig.max_batch)")
     p.add_argument("--max-context", type=int, help="prompt + generated tokens per request (default: the model's, "
                                                    "at most 4096)")
     p.add_argument("--max-prompt-tokens", type=int, help="largest prompt in tokens (default: the context)")
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="413 above this (default 1 MiB)")
-    p.add_argument("--body-timeout", type=float, default=30.0, help="408 if a body takes longer (seconds)")
+    p.add_argument("--max-tokens", type=int, default=ServerConfig.max_tokens,
+                   help="largest max_tokens a request may ask for (default %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
+                   help="413 above this (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=ServerConfig.body_timeout_s,
+                   help="408 if a body takes longer (seconds, default %(default)s)")
     p.add_argument("--max-resident-bytes", type=int, help="memory budget for expert deltas (default: no limit)")
+    p.add_argument("--backend", help="delta backend: auto (default: the fastest that runs here), lowbit, int4, pytorch, dense, reference or triton (docs/engine.md)")
     p.add_argument("--no-router", action="store_true", help="serve without routing even if the store has a router")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = p.add_argument_group("Ray Serve (docs/ray.md)")
     r.add_argument("--ray", action="store_true", help="serve on Ray Serve: the ingress and router over engine replicas")
-    r.add_argument("--replicas", type=int, default=1, help="engine replicas, each with the base loaded (default 1)")
+    r.add_argument("--replicas", type=int, default=RayAppConfig.replicas,
+                   help="engine replicas, each with the base loaded (default %(default)s)")
     r.add_argument("--experts-per-replica", type=int, help="experts a replica holds at once (default: all); "
                                                            "requests go to a replica holding theirs")
-    r.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per replica (default 1)")
+    r.add_argument("--replica-cpus", type=float, default=RayAppConfig.replica_cpus,
+                   help="Ray CPUs reserved per replica (default %(default)s)")
     r.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
     p.set_defaults(func=cmd_serve)
 
 
 def engine_config(args: argparse.Namespace):
+    """EngineConfig from the flags; those not given keep EngineConfig's defaults."""
     from meswitch.engine import EngineConfig
 
-    return EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
-                        max_prompt_tokens=args.max_prompt_tokens, max_waiting=max(args.max_concurrency, 1), max_resident_bytes=args.max_resident_bytes)
+    given = {"max_batch": args.max_batch, "max_context": args.max_context, "max_prompt_tokens": args.max_prompt_tokens,
+             "max_resident_bytes": args.max_resident_bytes, "backend": args.backend}
+    return EngineConfig(max_waiting=max(args.max_concurrency, 1), **{k: v for k, v in given.items() if v is not None})
 
 
 def server_config(args: argparse.Namespace):
@@ -57,11 +70,13 @@ def server_config(args: argparse.Namespace):
 def ray_config(args: argparse.Namespace):
     from meswitch.ray_app.config import RayAppConfig
 
+    batch = RayAppConfig.max_batch if args.max_batch is None else args.max_batch
     return RayAppConfig(
         store=str(args.store), base=None if args.base is None else str(args.base), replicas=args.replicas,
         experts_per_replica=args.experts_per_replica, replica_cpus=args.replica_cpus, router=not args.no_router,
-        max_ongoing_requests=max(args.max_batch * 2, 1), max_batch=args.max_batch, max_context=args.max_context,
-        max_prompt_tokens=args.max_prompt_tokens, max_resident_bytes=args.max_resident_bytes, api_key=args.api_key,
+        max_ongoing_requests=max(batch * 2, 1), max_batch=batch, max_context=args.max_context,
+        max_prompt_tokens=args.max_prompt_tokens, max_resident_bytes=args.max_resident_bytes,
+        backend=args.backend or RayAppConfig.backend, api_key=args.api_key,
         max_tokens=args.max_tokens, max_pending=args.max_concurrency, max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout)
 
@@ -72,17 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         run(ray_config(args), host=args.host, port=args.port, address=args.ray_address)
         return 0
-    import uvicorn
+    from meswitch.server.app import serve
 
-    from meswitch.engine import Engine
-    from meswitch.server import create_app
-
-    config = server_config(args)
-    engine = Engine.from_store(args.store, base=args.base, config=engine_config(args),
-                               router=None if args.no_router else "auto")
-    routed = "routing 'auto'" if engine.router is not None else "no router: 'auto' is unavailable"
-    auth = "API key required" if config.api_key else "no API key"
-    print(f"meswitch: serving {', '.join(engine.experts)} ({routed}; {auth}) on http://{args.host}:{args.port}/v1",
-          flush=True)
-    uvicorn.run(create_app(engine, config), host=args.host, port=args.port, log_level=args.log_level)
+    serve(args.store, host=args.host, port=args.port, config=server_config(args), engine_config=engine_config(args),
+          base=args.base, router=not args.no_router, log_level=args.log_level)
     return 0

@@ -4,101 +4,26 @@ The engine is not thread-safe, so only the background thread touches it. Other t
 through an inbox of operations (add a request, abort one, run a function on the engine) that the
 thread drains between steps; events come back through a :class:`RequestHandle` per request, which
 can be iterated synchronously or, when submitted from a running event loop, with ``async for``.
+:class:`BackgroundEngine` is the in-process :class:`~meswitch.engine.client.EngineClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from meswitch.engine.client import Admitted, RequestHandle
 from meswitch.engine.engine import Engine
-from meswitch.engine.errors import EngineError, EngineOverloadedError
+from meswitch.engine.errors import EngineOverloadedError, EngineStoppedError
 from meswitch.engine.request import Completion, Request, Route, StreamEvent, Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class EngineStoppedError(EngineError):
-    """The background engine is shut down (or shutting down) and takes no more requests."""
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """What is known when a request enters the engine: the expert it will run on and the router's decision."""
-
-    request_id: str
-    expert: str | None
-    route: Route | None
-
-
-class RequestHandle:
-    """The events of one submitted request. Iterate it (``for``/``async for``) until the completion.
-
-    ``loop``: the asyncio loop that will iterate it (events are handed over with
-    ``loop.call_soon_threadsafe``); None for synchronous iteration on any thread.
-    """
-
-    def __init__(self, request_id: str, canceller: Callable[[str], None], loop: asyncio.AbstractEventLoop | None):
-        self.request_id = request_id
-        self.expert: str | None = None
-        self.route: Route | None = None
-        self.completion: Completion | None = None
-        self._cancel = canceller
-        self._loop = loop
-        self._async_q: asyncio.Queue[StreamEvent] | None = asyncio.Queue() if loop is not None else None
-        self._sync_q: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-
-    @property
-    def finished(self) -> bool:
-        return self.completion is not None
-
-    def cancel(self) -> None:
-        """Abort the request (no-op once finished); it ends with ``finish_reason="cancelled"``."""
-        if self.completion is None:
-            self._cancel(self.request_id)
-
-    def _push(self, ev: StreamEvent) -> None:
-        """Called on the engine thread."""
-        if ev.completion is not None:
-            self.completion = ev.completion
-        if self._loop is None:
-            self._sync_q.put(ev)
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._async_q.put_nowait, ev)  # type: ignore[union-attr]
-
-    def __iter__(self) -> Iterator[StreamEvent]:
-        if self._loop is not None:
-            raise TypeError("this handle was submitted from an event loop: use `async for`")
-        while True:
-            ev = self._sync_q.get()
-            yield ev
-            if ev.finished:
-                return
-
-    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
-        if self._async_q is None:
-            raise TypeError("this handle was submitted without an event loop: use `for`")
-        while True:
-            ev = await self._async_q.get()
-            yield ev
-            if ev.finished:
-                return
-
-    async def result(self) -> Completion:
-        """Wait (asynchronously) for the completion, discarding the intermediate events."""
-        async for ev in self:
-            if ev.completion is not None:
-                return ev.completion
-        raise AssertionError("unreachable: a handle always ends with a completion")
 
 
 class BackgroundEngine:
@@ -111,6 +36,7 @@ class BackgroundEngine:
 
     def __init__(self, engine: Engine, max_pending: int | None = None, idle_wait_s: float = 0.5):
         self.engine = engine
+        self._experts = list(engine.experts)
         self.max_pending = max_pending
         self._idle_wait = idle_wait_s
         self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
@@ -154,6 +80,11 @@ class BackgroundEngine:
         """Requests submitted and not yet finished."""
         return self._pending
 
+    @property
+    def experts(self) -> list[str]:
+        """The engine's experts, by name."""
+        return list(self._experts)
+
     # ---- API (any thread) ----------------------------------------------------------------------
 
     def submit_nowait(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> tuple[
@@ -188,9 +119,17 @@ class BackgroundEngine:
         await asyncio.wrap_future(fut)
         return handle
 
+    def stream(self, handle: RequestHandle) -> AsyncIterator[StreamEvent]:
+        """The events of a handle submitted from an event loop (``async for``)."""
+        return handle.__aiter__()
+
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
         self._wake.set()
+
+    def stats(self) -> Future[dict[str, Any] | None]:
+        """``Engine.stats()``, taken on the engine thread between steps."""
+        return self.call(lambda e: e.stats())
 
     def call(self, fn: Callable[[Engine], T]) -> Future[T]:
         """Run ``fn(engine)`` on the engine thread between steps (e.g. ``lambda e: e.stats()``)."""

@@ -9,6 +9,7 @@ and leave between steps; a request that fails (its expert cannot be loaded, say)
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -19,19 +20,20 @@ from typing import Any
 
 import torch
 
-from meswitch.engine.delta_linear import Resident
+from meswitch.engine.backends import select as select_backend
 from meswitch.engine.errors import (
     ContextLengthError,
     EngineOverloadedError,
     InvalidRequestError,
     PromptTooLongError,
-    RoutingUnavailableError,
 )
 from meswitch.engine.experts import ExpertPool
 from meswitch.engine.model import SeqSlice, ServingModel, StepBatch
-from meswitch.engine.request import AUTO, ROLES, Completion, Request, Route, StreamEvent, Usage
+from meswitch.engine.request import ROLES, Completion, Request, Route, StreamEvent, Usage
 from meswitch.engine.sampling import sample
 from meswitch.store import DeltaStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,13 +45,12 @@ class EngineConfig:
     deltas in memory (None: unlimited); others are loaded from the store on demand, least recently
     used out first. ``max_merged``: experts that may also keep merged ``W_base + delta`` weights (a
     full copy of the linear weights each), given to an expert once it has had the batch to itself for
-    ``merge_after`` consecutive steps; they make such batches run at the base's speed. ``delta_cache``:
-    how resident experts hold their codes for mixed batches (``"lowbit"``: the layout of meswitch's
-    VNNI CPU kernel, which then holds the codes alone, ``bits / 8`` bytes per weight, 3-bit codes in
-    4-bit slots; ``"int4"``: beside the packed codes, PyTorch's int4 kernel layout, half a byte per
-    weight; ``"dense"``; ``"codes"``; None: unpack on every call). ``"lowbit"`` falls back to
-    ``"int4"`` where the kernel cannot be built (no compiler, no AVX512-VNNI: ``lowbit_cpu.unavailable_reason()``).
-    Measurements behind these defaults: docs/engine.md.
+    ``merge_after`` consecutive steps; they make such batches run at the base's speed. ``backend``:
+    how resident experts hold and apply their deltas in mixed batches, one of
+    :data:`meswitch.engine.backends.BACKENDS` or ``"auto"`` (Triton on CUDA; on a CPU meswitch's
+    low-bit kernel, ``bits / 8`` bytes per weight, else PyTorch's int4 kernel). Chosen once when the
+    engine starts (:func:`meswitch.engine.backends.select`, which falls back and says why when the
+    named one cannot run here; ``Engine.backend_selection``). Measurements behind these defaults: docs/engine.md.
     """
 
     max_batch: int = 16
@@ -59,7 +60,7 @@ class EngineConfig:
     max_resident_bytes: int | None = None
     max_merged: int = 3
     merge_after: int = 16
-    delta_cache: Resident = "lowbit"
+    backend: str = "auto"
     verify: bool = True
 
 
@@ -88,7 +89,7 @@ class Engine:
     """Serve the experts of a :class:`DeltaStore` over one base model (module docstring)."""
 
     def __init__(
-        self, store: DeltaStore, base: Any, tokenizer: Any, config: EngineConfig | None = None, router: Any = None,
+        self, store: DeltaStore, base: Any, tokenizer: Any, config: EngineConfig | None = None,
         check_base: bool = True,
     ) -> None:
         """``base``: the Hugging Face model the store's deltas were made against (checked by fingerprint)."""
@@ -99,12 +100,13 @@ class Engine:
             DeltaStore.open(store.path, expect_fingerprint=fingerprint_model(base))
         if config.max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, got {config.max_batch}")
-        self.store, self.tokenizer, self.router = store, tokenizer, router
-        self.model = ServingModel(base)
+        self.store, self.tokenizer = store, tokenizer
+        self.backend_selection = select_backend(config.backend, _device_of(base))
+        log.info("%s", self.backend_selection.describe())
+        self.model = ServingModel(base, self.backend_selection.backend)
         limit = min(int(getattr(base.config, "max_position_embeddings", 4096) or 4096), 4096)
         self.max_context = config.max_context or limit
-        self.pool = ExpertPool(store, self.model, config.max_resident_bytes, config.max_merged,
-                               config.delta_cache, config.verify)
+        self.pool = ExpertPool(store, self.model, config.max_resident_bytes, config.max_merged, config.verify)
         self.cache = self.model.new_cache(config.max_batch, self.max_context)
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
@@ -118,12 +120,9 @@ class Engine:
     @classmethod
     def from_store(
         cls, store: DeltaStore | str | os.PathLike, base: str | os.PathLike | None = None,
-        config: EngineConfig | None = None, router: Any = "auto",
+        config: EngineConfig | None = None,
     ) -> Engine:
-        """Open ``store``, load its base (``base`` or the path recorded in the store) and check they match.
-
-        ``router="auto"`` loads the store's router if it has one (None: no routing).
-        """
+        """Open ``store``, load its base (``base`` or the path recorded in the store) and check they match."""
         from meswitch.model.checkpoint import load_checkpoint
         from meswitch.store import fingerprint_model
 
@@ -140,9 +139,7 @@ class Engine:
             store.verify(expect_fingerprint=fingerprint)  # also every expert file's size and hash
         else:
             DeltaStore.open(store.path, expect_fingerprint=fingerprint)
-        if router == "auto":
-            router = _load_router(store)
-        return cls(store, model, tokenizer, config, router, check_base=False)
+        return cls(store, model, tokenizer, config, check_base=False)
 
     # ---- API -----------------------------------------------------------------------------------
 
@@ -206,9 +203,9 @@ class Engine:
                         return
 
     def stats(self) -> dict[str, Any]:
-        """Counters, queue depths and expert residency (JSON-able)."""
+        """Counters, queue depths, the delta backend in use and expert residency (JSON-able)."""
         return {**self.counters, "waiting": len(self._waiting), "running": len(self._running),
-                "experts": self.pool.snapshot()}
+                "backend": self.backend_selection.backend.describe(), "experts": self.pool.snapshot()}
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -353,36 +350,30 @@ class Engine:
     def _prepare(self, r: Request) -> _Seq:
         if not isinstance(r, Request):
             raise InvalidRequestError(f"expected a Request, got {type(r).__name__}")
-        text, ids = self._tokenize(r)
+        ids = self._tokenize(r)
         p = r.params
         if self.config.max_prompt_tokens is not None and len(ids) > self.config.max_prompt_tokens:
             raise PromptTooLongError(len(ids), self.config.max_prompt_tokens)
         if len(ids) + p.max_tokens > self.max_context:
             raise ContextLengthError(len(ids), p.max_tokens, self.max_context)
-        route = None
         name = r.expert
-        if name == AUTO:
-            if self.router is None:
-                raise RoutingUnavailableError("expert 'auto' needs a router: train one with `meswitch router train`")
-            d = self.router.route([text])[0]
-            route = Route(d.expert, d.domain, float(d.confidence), bool(d.fallback))
-            name = d.expert
+        if r.route is not None and r.route.expert != name:
+            raise InvalidRequestError(f"the request names expert {name!r} but its route chose {r.route.expert!r}")
         idx = -1 if name is None else self.pool.lookup(name)
         gen = None
         if not p.greedy:
             gen = torch.Generator().manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
-        return _Seq(r, ids, idx, time.perf_counter(), route=route, generator=gen)
+        return _Seq(r, ids, idx, time.perf_counter(), route=r.route, generator=gen)
 
-    def _tokenize(self, r: Request) -> tuple[str, list[int]]:
-        """(text the router sees, prompt token ids)."""
+    def _tokenize(self, r: Request) -> list[int]:
+        """The prompt's token ids (the prompt as is, or the messages through the chat template)."""
         if (r.prompt is None) == (r.messages is None):
             raise InvalidRequestError("give exactly one of prompt and messages")
         if r.prompt is not None:
             if not isinstance(r.prompt, str) or not r.prompt:
                 raise InvalidRequestError("prompt must be a non-empty string")
             self._check_chars(len(r.prompt))
-            ids = list(self.tokenizer(r.prompt)["input_ids"])
-            return r.prompt, ids
+            return list(self.tokenizer(r.prompt)["input_ids"])
         msgs = r.messages
         if not isinstance(msgs, list) or not msgs:
             raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} objects")
@@ -393,14 +384,16 @@ class Engine:
             raise InvalidRequestError("every message is empty")
         self._check_chars(sum(len(m["content"]) for m in msgs))
         rendered = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        ids = list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        users = [m["content"] for m in msgs if m["role"] == "user"] or [msgs[-1]["content"]]
-        return users[-1], ids
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     def _check_chars(self, n: int) -> None:
         # No token spans more than _max_token_chars characters: longer text cannot fit, skip tokenizing it.
         if n > self.max_context * self._max_token_chars:
             raise ContextLengthError(n // self._max_token_chars, 0, self.max_context)
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -416,11 +409,3 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 def _find_stop(text: str, stops: Iterable[str], start: int) -> int | None:
     hits = [i for s in stops if (i := text.find(s, start)) >= 0]
     return min(hits) if hits else None
-
-
-def _load_router(store: DeltaStore) -> Any:
-    try:
-        from meswitch.router import load_router
-    except ImportError:
-        return None
-    return load_router(store)

@@ -35,16 +35,16 @@ class PromptTooLongError(ContextLengthError):
 
 
 class UnknownModelError(InvalidRequestError, LookupError):
-    """A request names an expert that the store does not hold."""
+    """A request names an expert that the store does not hold.
 
-    def __init__(self, name: str, available: list[str]):
+    ``also``: the other names the caller accepts, listed after the experts (the engine: None, the base).
+    """
+
+    def __init__(self, name: str, available: list[str], also: tuple[str, ...] = ("None (the base)",)):
         self.name, self.available = name, sorted(available)
-        listing = ", ".join(repr(n) for n in self.available) or "none"
-        super().__init__(f"no expert {name!r}; available: {listing}, 'auto' (routed) or None (the base)")
-
-
-class RoutingUnavailableError(InvalidRequestError):
-    """``expert="auto"`` on an engine without a router."""
+        *head, last = [*(repr(n) for n in self.available), *also] or ["none"]
+        listing = f"{', '.join(head)} or {last}" if head else last
+        super().__init__(f"no expert {name!r}; available: {listing}")
 
 
 class UnsupportedModelError(EngineError):
@@ -57,3 +57,7 @@ class BudgetError(EngineError):
 
 class EngineOverloadedError(EngineError):
     """The waiting queue is full; try again later."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is shut down (or shutting down) and takes no more requests."""

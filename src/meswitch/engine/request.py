@@ -8,7 +8,6 @@ from typing import Any
 
 from meswitch.engine.sampling import SamplingParams
 
-AUTO = "auto"  # the expert name that asks the router to choose
 ROLES = ("system", "user", "assistant")
 
 
@@ -18,7 +17,9 @@ class Request:
 
     Exactly one of ``prompt`` (raw text, completed as is) and ``messages`` (chat turns rendered with
     the tokenizer's chat template, ``[{"role": ..., "content": ...}]``) is given. ``expert`` names a
-    stored expert, ``"auto"`` (the router chooses) or None (the base model alone).
+    stored expert or is None (the base model alone). ``route``: the router's decision that chose
+    ``expert``, set by :mod:`meswitch.front` for ``"auto"`` requests; the engine hands it back on the
+    :class:`Completion`.
     """
 
     prompt: str | None = None
@@ -26,6 +27,7 @@ class Request:
     expert: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    route: Route | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Usage:
 
 @dataclass(frozen=True)
 class Route:
-    """The router's decision for an ``"auto"`` request."""
+    """The router's decision for an ``"auto"`` request (made by :mod:`meswitch.front`)."""
 
     expert: str
     domain: str

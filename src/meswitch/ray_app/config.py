@@ -9,10 +9,12 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meswitch.engine.engine import EngineConfig
 from meswitch.server.config import ServerConfig, api_key_from_env
+
+if TYPE_CHECKING:
+    from meswitch.engine.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class RayAppConfig:
     max_context: int | None = None
     max_prompt_tokens: int | None = None
     max_resident_bytes: int | None = None
+    backend: str = "auto"  # EngineConfig.backend
     # server (the ingress); defaults are the single-process server's
     api_key: str | None = ServerConfig.api_key
     max_tokens: int = ServerConfig.max_tokens
@@ -83,9 +86,11 @@ class RayAppConfig:
         return cls(**kw)
 
     def engine_config(self) -> EngineConfig:
+        from meswitch.engine.engine import EngineConfig  # torch: only where an engine is built
+
         return EngineConfig(max_batch=self.max_batch, max_context=self.max_context,
                             max_prompt_tokens=self.max_prompt_tokens, max_waiting=max(self.max_pending, 1),
-                            max_resident_bytes=self.max_resident_bytes)
+                            max_resident_bytes=self.max_resident_bytes, backend=self.backend)
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(api_key=api_key_from_env(self.api_key), max_tokens=self.max_tokens,

@@ -1,14 +1,16 @@
 """The ingress deployment: ``meswitch.server``'s FastAPI app (same routes, errors, SSE) over the replicas.
 
-The router runs here, so a request reaches the replicas already naming its expert: that name is
-the multiplexed model id Ray Serve routes on. Responses carry ``x-meswitch-replica`` beside
-``x-meswitch-expert``.
+The front (:mod:`meswitch.front`, with the store's router) runs here, so a request reaches the
+replicas already naming its expert: that name is the multiplexed model id Ray Serve routes on.
+Responses carry ``x-meswitch-replica`` beside ``x-meswitch-expert``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from meswitch.front.routers import load_store_router
+from meswitch.front.routing import Front
 from meswitch.ray_app.config import RayAppConfig
 from meswitch.ray_app.remote import RemoteEngine, RemoteHandle
 from meswitch.server.serving import OpenAIServing
@@ -36,9 +38,10 @@ class Ingress:
         if not config.router:
             router = None
         elif router == "auto":
-            router = _load_router(store)
+            router = load_store_router(store)
         self.config = config
-        self.remote = RemoteEngine(replicas, store.experts, router, config.max_pending)
+        self.remote = RemoteEngine(replicas, store.experts, config.max_pending)
+        self.front = Front(store.experts, router, max_queued=config.max_pending)
 
     def __serve_build_asgi_app__(self) -> Any:
         """Called by Ray Serve on the replica after ``__init__``: the ASGI app it serves."""
@@ -46,14 +49,16 @@ class Ingress:
         from meswitch.server.routes import build_app
 
         server_config = self.config.server_config()
-        app = build_app(ReplicaServing(self.remote, server_config, ServerMetrics()), server_config)
-        app.state.engine = self.remote
+        app = build_app(ReplicaServing(self.remote, self.front, server_config, ServerMetrics()), server_config)
+        app.state.engine, app.state.front = self.remote, self.front
         return app
 
     def __del__(self) -> None:
-        remote = getattr(self, "remote", None)
+        remote, front = getattr(self, "remote", None), getattr(self, "front", None)
         if remote is not None:
             remote.shutdown()
+        if front is not None:
+            front.close()
 
 
 def ingress_deployment(config: RayAppConfig) -> Any:
@@ -66,10 +71,3 @@ def ingress_deployment(config: RayAppConfig) -> Any:
         graceful_shutdown_timeout_s=5.0,
     )
 
-
-def _load_router(store: Any) -> Any:
-    try:
-        from meswitch.router import load_router
-    except ImportError:
-        return None
-    return load_router(store)

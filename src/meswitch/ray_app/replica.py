@@ -62,7 +62,7 @@ class EngineReplica:
 
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        engine = Engine.from_store(config.store, base=config.base, config=config.engine_config(), router=None)
+        engine = Engine.from_store(config.store, base=config.base, config=config.engine_config())
         self.engine = BackgroundEngine(engine, max_pending=config.max_ongoing_requests).start()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.actor_name = ray.get_runtime_context().get_actor_name()

@@ -1,4 +1,5 @@
-"""``create_app`` (an ASGI app over an engine) and ``serve`` (load a store and run uvicorn)."""
+"""The ASGI app: :func:`create_app` over an engine client, :func:`engine_app` over an in-process
+:class:`Engine`, and :func:`serve` (load a store, run uvicorn)."""
 
 from __future__ import annotations
 
@@ -12,42 +13,59 @@ from typing import Any
 from fastapi import FastAPI
 
 from meswitch.engine.background import BackgroundEngine
+from meswitch.engine.client import EngineClient
 from meswitch.engine.engine import Engine, EngineConfig
-from meswitch.server.config import ServerConfig
+from meswitch.front.routers import Router, load_store_router
+from meswitch.front.routing import Front
+from meswitch.server.config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 from meswitch.server.metrics import ServerMetrics
 from meswitch.server.routes import build_app
 from meswitch.server.serving import OpenAIServing
 
 
-def create_app(engine: Engine | BackgroundEngine, config: ServerConfig | None = None) -> FastAPI:
-    """The OpenAI-compatible app over ``engine``.
+def create_app(client: EngineClient, front: Front | None = None, config: ServerConfig | None = None,
+               owned: bool = False) -> FastAPI:
+    """The OpenAI-compatible app over ``client``; ``front`` resolves ``model`` (None: the client's experts
+    by name, no ``auto``).
 
-    An :class:`Engine` is wrapped in a :class:`BackgroundEngine` that the app starts and stops with
-    its lifespan; a given :class:`BackgroundEngine` is started if needed and left running.
+    The app's lifespan starts ``client`` (if not started yet); ``owned``: it also shuts ``client``
+    down and closes ``front`` when the app stops.
     """
     config = config or ServerConfig()
-    owned = isinstance(engine, Engine)
-    bg = BackgroundEngine(engine, max_pending=config.max_pending) if owned else engine
+    front = front or Front(client.experts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        bg.start()
+        client.start()
         try:
             yield
         finally:
             if owned:
-                bg.shutdown()
+                client.shutdown()
+                front.close()
 
-    serving = OpenAIServing(bg, config, ServerMetrics())
+    serving = OpenAIServing(client, front, config, ServerMetrics())
     app = build_app(serving, config, lifespan)
-    app.state.engine = bg
+    app.state.engine = client
+    app.state.front = front
     return app
+
+
+def engine_app(engine: Engine, router: Router | None = None, config: ServerConfig | None = None) -> FastAPI:
+    """The app over ``engine``, run on a :class:`BackgroundEngine` that starts and stops with the app.
+
+    ``router`` serves ``model="auto"`` (None: experts by name only); requests beyond
+    ``config.max_pending`` in flight, or waiting for the router, get 429.
+    """
+    config = config or ServerConfig()
+    client = BackgroundEngine(engine, max_pending=config.max_pending)
+    return create_app(client, Front(engine.experts, router, max_queued=config.max_pending), config, owned=True)
 
 
 class ThreadedServer:
     """uvicorn serving ``app`` from a background thread (``port`` 0: any free port); ``url`` once bound."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app: Any, host: str = DEFAULT_HOST, port: int = 0, log_level: str = "warning"):
         import socket
 
         import uvicorn
@@ -85,11 +103,19 @@ class ThreadedServer:
         self.stop()
 
 
-def serve(store: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
-          engine_config: EngineConfig | None = None, base: str | os.PathLike | None = None,
-          log_level: str = "info", **uvicorn_kw: Any) -> None:
-    """Load ``store`` (its base and router) and serve it with uvicorn until interrupted."""
+def serve(store: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          config: ServerConfig | None = None, engine_config: EngineConfig | None = None,
+          base: str | os.PathLike | None = None, router: bool = True, log_level: str = "info",
+          **uvicorn_kw: Any) -> None:
+    """Load ``store`` (its base, and its router unless ``router`` is False) and serve it with uvicorn until
+    interrupted."""
     import uvicorn
 
+    config = config or ServerConfig()
     engine = Engine.from_store(store, base=base, config=engine_config)
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level, **uvicorn_kw)
+    found = load_store_router(engine.store) if router else None
+    routed = "routing 'auto'" if found is not None else "no router: 'auto' is unavailable"
+    auth = "API key required" if config.api_key else "no API key"
+    print(f"meswitch: serving {', '.join(engine.experts)} ({routed}; {auth}) on http://{host}:{port}/v1", flush=True)
+    print(f"meswitch: {engine.backend_selection.describe()}", flush=True)
+    uvicorn.run(engine_app(engine, found, config), host=host, port=port, log_level=log_level, **uvicorn_kw)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 
 API_KEY_ENV = "MESWITCH_API_KEY"
+DEFAULT_HOST = "127.0.0.1"  # where `serve` listens unless told
+DEFAULT_PORT = 8000
 
 
 @dataclass(frozen=True)

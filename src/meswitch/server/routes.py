@@ -84,7 +84,7 @@ def build_app(serving: OpenAIServing, config: ServerConfig,
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """200 while the engine thread is alive."""
+        """200 while the engine takes requests."""
         if not engine.alive:
             raise APIError(503, "the engine is not running", "server_error", code="unavailable")
         return {"status": "ok", "experts": serving.experts, "routing": serving.routed, "pending": engine.pending}
@@ -92,7 +92,7 @@ def build_app(serving: OpenAIServing, config: ServerConfig,
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         try:
-            stats = await asyncio.wait_for(asyncio.wrap_future(engine.call(lambda e: e.stats())), 10)
+            stats = await asyncio.wait_for(asyncio.wrap_future(engine.stats()), 10)
         except Exception:  # noqa: BLE001 - metrics still render without the engine's part
             stats = None
         return PlainTextResponse(metrics.render(stats, engine.pending), media_type=CONTENT_TYPE)

@@ -1,9 +1,10 @@
 """OpenAI requests -> engine :class:`Request` s -> OpenAI responses and server-sent event streams.
 
-:class:`OpenAIServing` is the layer between the HTTP routes and a :class:`BackgroundEngine`: it
-maps request fields to :class:`SamplingParams`, engine errors to OpenAI errors (:class:`APIError`),
-and completions to bodies. A client that disconnects has its request cancelled, which frees its
-batch slot at the engine's next step.
+:class:`OpenAIServing` is the layer between the HTTP routes and an :class:`EngineClient`: it maps
+request fields to :class:`SamplingParams`, resolves ``model`` with the :class:`Front` (a name, or
+``"auto"`` through the router), maps errors to OpenAI errors (:class:`APIError`) and completions to
+bodies. A client that disconnects has its request cancelled, which frees its batch slot at the
+engine's next step.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from meswitch.engine.background import BackgroundEngine, EngineStoppedError, RequestHandle
+from meswitch.engine.client import EngineClient, RequestHandle
 from meswitch.engine.errors import (
     ContextLengthError,
     EngineOverloadedError,
+    EngineStoppedError,
     InvalidRequestError,
-    RoutingUnavailableError,
     UnknownModelError,
 )
-from meswitch.engine.request import AUTO, Completion, Request
+from meswitch.engine.request import Completion, Request, StreamEvent
 from meswitch.engine.sampling import SamplingParams
+from meswitch.front.errors import RoutingUnavailableError
+from meswitch.front.routing import Front
 from meswitch.server import protocol as P
 from meswitch.server.config import ServerConfig
 from meswitch.server.metrics import ServerMetrics
@@ -87,17 +90,26 @@ def _sse(obj: BaseModel | dict[str, Any]) -> str:
 
 
 class OpenAIServing:
-    """Serve ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` over ``engine``."""
+    """Serve ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` over ``engine``.
 
-    def __init__(self, engine: BackgroundEngine, config: ServerConfig, metrics: ServerMetrics):
-        self.engine, self.config, self.metrics = engine, config, metrics
-        self.experts = list(engine.engine.experts)
-        self.routed = engine.engine.router is not None
+    ``front`` resolves each request's ``model`` (its router, if any, serves ``"auto"``) before
+    ``engine`` sees the request.
+    """
+
+    def __init__(self, engine: EngineClient, front: Front, config: ServerConfig, metrics: ServerMetrics):
+        self.engine, self.front, self.config, self.metrics = engine, front, config, metrics
+
+    @property
+    def experts(self) -> list[str]:
+        return self.front.experts
+
+    @property
+    def routed(self) -> bool:
+        return self.front.routed
 
     def models(self) -> P.ModelList:
-        """Every expert, and ``auto`` when the engine has a router to choose one."""
-        names = self.experts + ([AUTO] if self.routed else [])
-        return P.ModelList(data=[P.ModelCard(id=n) for n in names])
+        """Every expert, and ``auto`` when the front has a router to choose one."""
+        return P.ModelList(data=[P.ModelCard(id=n) for n in self.front.models()])
 
     def _params(self, body: P._Sampling, max_tokens: int | None, default: int) -> SamplingParams:
         n = max_tokens if max_tokens is not None else min(default, self.config.max_tokens)
@@ -119,12 +131,13 @@ class OpenAIServing:
             raise APIError(400, str(e), code="invalid_value") from e
 
     async def _submit(self, request: Request, http: HTTPRequest) -> tuple[RequestHandle, asyncio.Task[None]]:
-        """Submit and await admission; the returned task cancels the request if the client disconnects.
+        """Resolve the expert with the front, submit and await admission.
 
-        The watcher starts before admission: a client that leaves while its request is still in the
-        inbox must not leave it to run.
+        The returned task cancels the request if the client disconnects. It starts before admission:
+        a client that leaves while its request is still in the inbox must not leave it to run.
         """
         try:
+            request = await self.front.resolve_async(request)
             handle, admitted = self.engine.submit_nowait(request, asyncio.get_running_loop())
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
             raise engine_error(exc) from exc
@@ -182,7 +195,7 @@ class OpenAIServing:
     async def _wait(self, handle: RequestHandle, watcher: asyncio.Task[None], endpoint: str) -> Completion:
         """The completion (``watcher`` cancels the request if the client disconnects first)."""
         try:
-            c = await handle.result()
+            c = await _completion(self.engine.stream(handle))
         finally:
             watcher.cancel()
             handle.cancel()  # no-op once finished; covers this task being cancelled
@@ -214,7 +227,7 @@ class OpenAIServing:
                                               choices=[P.ChatChunkChoice(delta=delta, finish_reason=finish)]))
 
         yield chunk(P.DeltaMessage(role="assistant", content=""), meswitch=route_info(handle))
-        async for ev in handle:
+        async for ev in self.engine.stream(handle):
             c = ev.completion
             if c is None:
                 if ev.text:
@@ -241,7 +254,7 @@ class OpenAIServing:
                                           choices=[P.CompletionChoice(text=text, finish_reason=finish)]))
 
         first = True
-        async for ev in handle:
+        async for ev in self.engine.stream(handle):
             c = ev.completion
             if c is None:
                 if ev.text:
@@ -257,6 +270,14 @@ class OpenAIServing:
             if body.stream_options and body.stream_options.include_usage:
                 yield _sse(P.CompletionChunk(id=rid, created=created, model=body.model, choices=[], usage=_usage(c)))
         yield "data: [DONE]\n\n"
+
+
+async def _completion(events: AsyncIterator[StreamEvent]) -> Completion:
+    """The completion that ends a request's events, the others discarded."""
+    async for ev in events:
+        if ev.completion is not None:
+            return ev.completion
+    raise EngineStoppedError("the request's events ended without a completion")
 
 
 async def _cancel_on_disconnect(http: HTTPRequest, handle: RequestHandle) -> None:
