@@ -73,9 +73,9 @@ def main() -> int:
     args = ap.parse_args()
 
     import meswitch.compress.allocate as allocate
-    import meswitch.compress.apply as apply
     import meswitch.compress.distill as distill
     import meswitch.compress.pipeline as pipeline
+    import meswitch.deltas.apply as apply
     import meswitch.eval.fidelity as fidelity
     from meswitch.cli import main as cli
     from meswitch.store.store import DeltaStore

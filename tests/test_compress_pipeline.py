@@ -9,30 +9,21 @@ import sys
 import pytest
 import torch
 
-from meswitch.compress.apply import apply_delta
-from meswitch.compress.codec import decode_delta, encode_delta
+from meswitch.compress.codec import encode_delta
 from meswitch.compress.config import CompressConfig
-from meswitch.compress.pipeline import ArchitectureMismatchError, compress_into_store, compress_model
+from meswitch.compress.pipeline import ArchitectureMismatchError, compress_model, held_out_batches
 from meswitch.data.examples import write_jsonl
 from meswitch.data.sources import domain_examples
+from meswitch.deltas import decode_delta
+from meswitch.deltas.apply import apply_delta
+from meswitch.eval.fidelity import compare_models
+from meswitch.jobs.compress_store import compress_expert, compress_into_store
 from meswitch.model.checkpoint import save_checkpoint
 from meswitch.store import DeltaStore
 from meswitch.store.errors import BaseMismatchError, CorruptStoreError, InvalidNameError
 from meswitch.store.summary import summarize
 from tests.conftest import tiny_llama
-
-VOCAB = 49152  # the SmolLM2 tokenizer's
-
-
-def perturbed(base, seed: int, rel: float = 0.05):
-    """An 'expert': every block weight moved by Gaussian noise of ``rel`` times its std (norms too)."""
-    expert = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in expert.named_parameters():
-            if "embed" not in n:
-                p.add_(torch.randn(p.shape, generator=g) * (p.std() if p.std() > 0 else 1.0) * rel)
-    return expert
+from tests.engine_helpers import VOCAB, perturbed, small_config
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +47,31 @@ def ckpts(tmp_path_factory, pair, smollm_tokenizer, calib):
     return root
 
 
-def _small(**kw):
-    return CompressConfig(calib_blocks=4, eval_blocks=2, calib_len=128, **kw)
-
-
 def test_lossless_setting_reproduces_expert(pair, smollm_tokenizer, calib):
     base, expert = pair
     # every input channel salient: the delta is stored in fp16, so only fp16 rounding remains
-    layers, meta, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
-                                        _small(method="salient", bits=2, salient=100000))
+    layers, meta, info = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                                         small_config(method="salient", bits=2, salient=100000))
     merged = apply_delta(copy.deepcopy(base), layers, meta)
     ids = torch.randint(0, VOCAB, (2, 24))
     assert torch.allclose(merged(ids).logits, expert(ids).logits, atol=1e-4)
     assert info["fidelity_calib"]["kl"] < 1e-6
+
+
+def test_the_recorded_fidelity_is_the_stored_deltas_against_the_expert_on_held_out_blocks(
+        pair, smollm_tokenizer, calib):
+    base, expert = pair
+    cfg = small_config(method="rtn", bits=2)
+    plain_layers, plain_meta, plain = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg)
+    assert "fidelity_calib" not in plain  # the compression library does not measure its own result
+    layers, meta, info = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg)
+    assert meta == plain_meta and info.keys() == plain.keys() | {"fidelity_calib"}
+    assert all(torch.equal(t, plain_layers[n][k]) for n, f in layers.items() for k, t in f.items())
+    held_out = held_out_batches(smollm_tokenizer, calib, cfg)
+    assert len(held_out) == cfg.eval_blocks and all(ids.shape == (1, cfg.calib_len) for ids, _, _ in held_out)
+    merged = apply_delta(copy.deepcopy(base), layers, meta)
+    assert info["fidelity_calib"] == compare_models(expert, merged, held_out).as_dict()
+    assert info["fidelity_calib"]["tokens"] > 0 and info["fidelity_calib"]["kl"] > 0
 
 
 def test_codec_matches_direct_quantization():
@@ -96,7 +99,7 @@ def test_more_bits_are_more_faithful(pair, smollm_tokenizer, calib):
     base, expert = pair
     kls = []
     for bits in (1, 2, 4):
-        _, _, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="rtn", bits=bits))
+        _, _, info = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib, small_config(method="rtn", bits=bits))
         kls.append(info["fidelity_calib"]["kl"])
         assert bits <= info["bits_per_param"] < bits + 0.5
     assert kls[0] > kls[1] > kls[2]
@@ -104,9 +107,9 @@ def test_more_bits_are_more_faithful(pair, smollm_tokenizer, calib):
 
 def test_salient_channels_beat_plain_rtn_at_same_bits(pair, smollm_tokenizer, calib):
     base, expert = pair
-    _, _, rtn = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="rtn", bits=1))
-    _, _, sal = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
-                               _small(method="salient", bits=1, salient=8))
+    _, _, rtn = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib, small_config(method="rtn", bits=1))
+    _, _, sal = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                                small_config(method="salient", bits=1, salient=8))
     assert sal["fidelity_calib"]["kl"] < rtn["fidelity_calib"]["kl"]
     assert sal["bits_per_param"] > rtn["bits_per_param"]
 
@@ -132,13 +135,13 @@ def test_distillation_lowers_its_objective(pair, smollm_tokenizer, calib):
 def test_target_bits_budget_is_respected(pair, smollm_tokenizer, calib):
     base, expert = pair
     _, _, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
-                                _small(method="salient", bits=1, target_bits=1.3))
+                                small_config(method="salient", bits=1, target_bits=1.3))
     assert 1.0 < info["bits_per_param"] <= 1.3
 
 
 def test_store_round_trip_and_size_accounting(ckpts, calib, tmp_path, pair):
     store_path = tmp_path / "store"
-    res = compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, _small())
+    res = compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, small_config())
     store = DeltaStore.open(store_path)
     assert store.experts == ["e1"]
     # bytes per layer, read back from the file, independently of the pipeline's accounting
@@ -157,19 +160,19 @@ def test_store_round_trip_and_size_accounting(ckpts, calib, tmp_path, pair):
 
 def test_bad_inputs_are_specific(ckpts, calib, tmp_path, smollm_tokenizer):
     with pytest.raises(InvalidNameError):
-        compress_into_store(ckpts / "base", {"../evil": ckpts / "expert"}, tmp_path / "s", calib, _small())
+        compress_into_store(ckpts / "base", {"../evil": ckpts / "expert"}, tmp_path / "s", calib, small_config())
     assert not (tmp_path / "evil.safetensors").exists()
     # another architecture (different width)
     other = tiny_llama(vocab=VOCAB, layers=2)
     other.model.layers[0].mlp.up_proj = torch.nn.Linear(64, 96, bias=False)
     with pytest.raises(ArchitectureMismatchError, match="up_proj"):
-        compress_model(tiny_llama(vocab=VOCAB), other, smollm_tokenizer, calib, _small())
+        compress_model(tiny_llama(vocab=VOCAB), other, smollm_tokenizer, calib, small_config())
     # a store made from another base refuses a new expert
     store_path = tmp_path / "store"
-    compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, _small())
+    compress_into_store(ckpts / "base", {"e1": ckpts / "expert"}, store_path, calib, small_config())
     save_checkpoint(tiny_llama(seed=7, vocab=VOCAB), smollm_tokenizer, tmp_path / "other_base", {"role": "x"})
     with pytest.raises(BaseMismatchError):
-        compress_into_store(tmp_path / "other_base", {"e2": ckpts / "expert"}, store_path, calib, _small())
+        compress_into_store(tmp_path / "other_base", {"e2": ckpts / "expert"}, store_path, calib, small_config())
     # a truncated store file is caught before use
     f = store_path / "experts" / "e1.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
@@ -234,7 +237,7 @@ def test_changed_tied_embeddings_are_stored_once_as_dense(pair, smollm_tokenizer
     with torch.no_grad():
         expert.model.embed_tokens.weight.add_(1e-3)  # tied to lm_head: one tensor, two names
     layers, meta, info = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
-                                        _small(method="rtn", bits=2))
+                                        small_config(method="rtn", bits=2))
     assert meta["model.embed_tokens.weight"]["method"] == "dense" and "lm_head.weight" not in meta
     merged = apply_delta(copy.deepcopy(base), layers, meta)
     ids = torch.randint(0, VOCAB, (1, 16))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from meswitch.eval.fidelity import compare_to_states, reference_states
 from tests.conftest import tiny_llama
-from tests.test_compress_pipeline import perturbed
+from tests.engine_helpers import perturbed
 
 
 def test_chunks_of_tokens_give_the_whole_vocabulary_figures():

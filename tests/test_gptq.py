@@ -16,14 +16,15 @@ from meswitch.compress.allocate import (
     spill,
 )
 from meswitch.compress.calib import collect_act_sq, collect_hessians, linear_names
-from meswitch.compress.codec import decode_delta, encode_delta
+from meswitch.compress.codec import encode_delta
 from meswitch.compress.gptq import gptq, gptq_codes, output_error, refit_scale
-from meswitch.compress.quant import dequantize, qparams, quantize
+from meswitch.compress.quant import qparams, quantize
 from meswitch.data.sources import domain_examples
+from meswitch.deltas import decode_delta, dequantize
 from meswitch.model.checkpoint import save_checkpoint
 from meswitch.store import DeltaStore
 from tests.conftest import tiny_llama
-from tests.test_compress_pipeline import VOCAB, _small, perturbed
+from tests.engine_helpers import VOCAB, perturbed, small_config
 
 
 def correlated(n: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -176,7 +177,7 @@ def test_the_pipeline_spills_its_ladder_to_a_temporary_directory_it_removes(smol
     calib = domain_examples("math", 40, 0) + domain_examples("general", 40, 0)
     base = tiny_llama(vocab=VOCAB)
     expert = perturbed(base, 1)
-    cfg = _small(method="gptq-mixed", target_bits=1.5)
+    cfg = small_config(method="gptq-mixed", target_bits=1.5)
     kept, _, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg, rung_cache={})
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     made = []
@@ -196,35 +197,35 @@ def test_the_pipeline_spills_its_ladder_to_a_temporary_directory_it_removes(smol
 
 
 def test_gptq_beats_rtn_end_to_end_and_the_store_serves_it(smollm_tokenizer, tmp_path):
-    from meswitch.compress.apply import apply_delta
-    from meswitch.compress.pipeline import compress_into_store, compress_model
+    from meswitch.deltas.apply import apply_delta
     from meswitch.engine import Engine, EngineConfig
-    from tests.test_engine import _hf_logits, _teacher_forced_logits
+    from meswitch.jobs.compress_store import compress_expert, compress_into_store
+    from tests.engine_helpers import hf_logits, teacher_forced_logits
 
     calib = domain_examples("math", 40, 0) + domain_examples("general", 40, 0)
     base = tiny_llama(vocab=VOCAB)
     expert = perturbed(base, 1)
-    _, _, rtn = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="rtn", bits=1))
-    _, _, ours = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="gptq", bits=1))
+    _, _, rtn = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib, small_config(method="rtn", bits=1))
+    _, _, ours = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib, small_config(method="gptq", bits=1))
     assert ours["fidelity_calib"]["kl"] < rtn["fidelity_calib"]["kl"]
-    _, _, mixed = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib,
-                                 _small(method="gptq-mixed", target_bits=1.5))
+    _, _, mixed = compress_expert(copy.deepcopy(base), expert, smollm_tokenizer, calib,
+                                  small_config(method="gptq-mixed", target_bits=1.5))
     assert 1.0 < mixed["bits_per_param"] <= 1.5
     assert mixed["fidelity_calib"]["kl"] < ours["fidelity_calib"]["kl"]
 
     save_checkpoint(base, smollm_tokenizer, tmp_path / "base", {"role": "base"})
     save_checkpoint(expert, smollm_tokenizer, tmp_path / "expert", {"role": "expert"})
     compress_into_store(tmp_path / "base", {"e": tmp_path / "expert"}, tmp_path / "store", calib,
-                        _small(method="gptq-mixed", target_bits=1.5))
+                        small_config(method="gptq-mixed", target_bits=1.5))
     store = DeltaStore.open(tmp_path / "store")
     layers, entry = store.load_expert("e")
     assert {m["method"] for m in entry["layers"].values()} == {"rtn", "dense"}
     assert {m["bits"] for m in entry["layers"].values() if m["method"] == "rtn"} >= {1, 2}
     # the engine's exact path reproduces a transformers model with W_base + the decoded delta
-    eng = Engine(store, copy.deepcopy(base), smollm_tokenizer, EngineConfig(delta_cache=None))
+    eng = Engine(store, copy.deepcopy(base), smollm_tokenizer, EngineConfig(backend="reference"))
     ids = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
-    got = _teacher_forced_logits(eng, {"e": ids}, prefill=4)["e"]
-    want = _hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
+    got = teacher_forced_logits(eng, {"e": ids}, prefill=4)["e"]
+    want = hf_logits(apply_delta(copy.deepcopy(base), layers, entry["layers"]), ids, 4)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -297,7 +298,7 @@ def test_streamed_statistics_store_what_all_at_once_statistics_store(method, smo
     calib = domain_examples("math", 40, 0) + domain_examples("general", 40, 0)
     base = tiny_llama(vocab=VOCAB, layers=3)
     expert = perturbed(base, 1)
-    cfg = _small(method=method, bits=1, target_bits=1.5, distill_steps=2)
+    cfg = small_config(method=method, bits=1, target_bits=1.5, distill_steps=2)
     hess = expert_hessians(expert, smollm_tokenizer, calib, cfg, allocation=method == "gptq-mixed")
     old_layers, old_meta, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, cfg, hessians=hess)
     cache: dict = {}
@@ -321,9 +322,9 @@ def test_a_rung_cache_filled_by_the_mixed_method_leaves_plain_gptq_alone(smollm_
     base = tiny_llama(vocab=VOCAB)
     expert = perturbed(base, 2)
     cache: dict = {}
-    compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="gptq-mixed", target_bits=1.5),
+    compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, small_config(method="gptq-mixed", target_bits=1.5),
                    rung_cache=cache)
     assert len(cache) == len(linear_names(base))
-    _, meta, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, _small(method="gptq", bits=3),
+    _, meta, _ = compress_model(copy.deepcopy(base), expert, smollm_tokenizer, calib, small_config(method="gptq", bits=3),
                                 rung_cache=cache)
     assert {meta[n]["bits"] for n in linear_names(base)} == {3}

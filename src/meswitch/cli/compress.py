@@ -100,8 +100,8 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Pa
 def cmd_compress(args: argparse.Namespace) -> int:
     from meswitch.cli.render import print_json
     from meswitch.compress.config import CompressConfig
-    from meswitch.compress.pipeline import compress_into_store
     from meswitch.data.examples import read_jsonl
+    from meswitch.jobs.compress_store import compress_into_store
     from meswitch.utils.memory import map_large_allocations
 
     if not args.distill_lr > 0:  # also refuses NaN
@@ -168,7 +168,7 @@ def _routers(store: Path) -> dict | None:
 def cmd_fidelity(args: argparse.Namespace) -> int:
     from meswitch.cli.render import print_json, print_table
     from meswitch.data.examples import read_jsonl
-    from meswitch.eval.store_fidelity import store_fidelity
+    from meswitch.jobs.store_fidelity import store_fidelity
 
     examples = read_jsonl(args.text)[: args.limit]
     if not examples:

@@ -10,10 +10,7 @@ serve until Ctrl-C (``--once`` or ``DEMO_ONCE=1``: stop after the table).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,70 +50,24 @@ def _say(msg: str) -> None:
 # ---- stages ------------------------------------------------------------------------------------
 
 
-def _up_to_date(store: Path, name: str, expert_dir: Path, cfg: Any) -> bool:
-    """True when ``store`` holds ``name`` made from ``expert_dir`` with ``cfg``, newer than the checkpoint."""
-    from dataclasses import asdict
-    from datetime import datetime
-
-    from meswitch.store import DeltaStore
-
-    if not (store / "manifest.json").is_file():
-        return False
-    try:
-        entry = DeltaStore.open(store).expert_meta(name)
-    except Exception:  # noqa: BLE001 - missing or unreadable: compress again
-        return False
-    meta = entry.get("meta", {})
-    stored = meta.get("config", {})
-    if any(stored.get(k) != v for k, v in asdict(cfg).items()):
-        return False
-    if Path(meta.get("reference_path", "")).resolve() != expert_dir.resolve():
-        return False
-    created = datetime.fromisoformat(entry["created"]).timestamp()
-    marker = expert_dir / "meswitch.json"
-    return marker.is_file() and marker.stat().st_mtime < created
-
-
 def build_store(size: str, store: Path) -> None:
     """The zoo (cached), then every expert of it that the store lacks or holds from another recipe."""
-    from meswitch.compress.config import CompressConfig
-    from meswitch.compress.pipeline import compress_into_store
-    from meswitch.data.examples import read_jsonl
-    from meswitch.zoo.build import ZooPaths, build_zoo, expert_calibration, zoo_dir
-    from meswitch.zoo.recipe import get_recipe
+    from meswitch.jobs.zoo_store import build_zoo_store
 
-    _say(f"zoo: building or reusing the {size} reference zoo")
-    build_zoo(size)
-    paths = ZooPaths(zoo_dir(size))
-    cfg = CompressConfig()
-    experts = {n: paths.expert(n) for n, _ in get_recipe(size).experts}
-    todo = {n: d for n, d in experts.items() if not _up_to_date(store, n, d, cfg)}
-    if kept := sorted(set(experts) - set(todo)):
-        _say(f"compress: {', '.join(kept)} already in {store} with the same recipe")
-    if todo:
-        _say(f"compress: {', '.join(todo)} -> {store} ({cfg.method}, {cfg.budget} bits per parameter)")
-        calib = {n: read_jsonl(p) for n, p in expert_calibration(size, paths).items() if n in todo}
-        compress_into_store(paths.base, todo, store, calib, cfg)
+    build_zoo_store(size, store, say=_say)
 
 
 def ensure_router(store: Path) -> bool:
-    """Train the store's router unless it has one; False (with the reason printed) if routing is unavailable."""
-    try:
-        from meswitch.router import load_router
-    except ImportError:
-        _say("router: the meswitch.router package is not installed; queries go to each domain's expert by name")
-        return False
-    from meswitch.store import DeltaStore
+    """The store's router, trained in-process unless it has one (its table printed as by ``meswitch router
+    train``); False, with the reason printed, when routing is unavailable."""
+    from meswitch.jobs.store_router import ensure_router as ensure_store_router
 
-    if load_router(DeltaStore.open(store)) is not None:
-        _say("router: reusing the store's router")
-        return True
-    if importlib.util.find_spec("meswitch.cli.router") is None:
-        _say("router: no `meswitch router train` command yet; queries go to each domain's expert by name")
-        return False
-    _say(f"router: meswitch router train {store}")
-    subprocess.run([sys.executable, "-m", "meswitch", "router", "train", str(store)], check=True)
-    return load_router(DeltaStore.open(store)) is not None
+    step = ensure_store_router(store, say=_say, progress=True)
+    if step.trained and step.router is not None:
+        from meswitch.cli.router import print_trained
+
+        print_trained(step.router, store)
+    return step.router is not None
 
 
 def ask(url: str, routed: bool, max_tokens: int) -> list[dict[str, Any]]:
@@ -172,7 +123,8 @@ def _rss() -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from meswitch.engine import Engine
-    from meswitch.server import ServerConfig, ThreadedServer, create_app
+    from meswitch.front import load_store_router
+    from meswitch.server import ServerConfig, ThreadedServer, engine_app
 
     once = args.once or os.environ.get("DEMO_ONCE", "") not in ("", "0")
     store = (args.store or default_store()).expanduser()
@@ -183,13 +135,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say(f"prepared {store}" + (" (with its router)" if routed else ""))
         return 0
     _say(f"server: loading {store}")
-    engine = Engine.from_store(store, router="auto" if routed else None)
-    app = create_app(engine, ServerConfig())
+    engine = Engine.from_store(store)
+    app = engine_app(engine, load_store_router(engine.store) if routed else None, ServerConfig())
     server = ThreadedServer(app, args.host, args.port).start()
     try:
         _say(f"server: {server.url}/v1 (experts: {', '.join(engine.experts)}{', auto' if routed else ''})")
         rows = ask(server.url, routed, args.max_tokens)
-        stats = app.state.engine.call(lambda e: e.stats()).result(30)
+        stats = app.state.engine.stats().result(30)
         report(rows, store, stats, routed)
         print(f"\nserving on {server.url}/v1  (OpenAI API; try: curl {server.url}/v1/models)")
         if once:

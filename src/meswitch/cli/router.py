@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meswitch.errors import MeswitchError
+
+if TYPE_CHECKING:
+    from meswitch.router import Router
 
 ENCODERS = ("minilm", "base-probe", "llm-choice")
 
@@ -93,7 +97,7 @@ def _read_examples(paths: list[Path]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from meswitch.cli.render import print_json, print_table
+    from meswitch.cli.render import print_json
     from meswitch.router.router import load_store_base
     from meswitch.router.train import RouterTrainConfig, default_training_examples, train_router
     from meswitch.store import DeltaStore
@@ -106,16 +110,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = load_store_base(store, args.base) if args.base and args.encoder != "minilm" else None
     router = train_router(store, examples, cfg, domain_map=dict(args.map), base=base, progress=True)
     entry = router.save(store, activate=not args.no_activate)
-    t = router.config.training
     if args.json:
         print_json({"store": str(args.store), "entry": entry, "config": router.config.to_dict()})
         return 0
-    print_table(f"router ({router.kind}) saved in {args.store}", ["domain", "expert", "train examples"],
+    print_trained(router, args.store)
+    return 0
+
+
+def print_trained(router: Router, store: Path) -> None:
+    """The table of a router just trained and saved in ``store``: domains, experts, examples, validation."""
+    from meswitch.cli.render import print_table
+
+    t = router.config.training
+    print_table(f"router ({router.kind}) saved in {store}", ["domain", "expert", "train examples"],
                 [[d, router.config.domain_map[d], t["per_domain"][d]] for d in router.config.domains])
     print(f"validation: accuracy {t['val_accuracy']:.4f}, ECE {t['val_ece']:.4f} "
           f"(before temperature scaling {t['val_ece_uncalibrated']:.4f}), T = {router.config.temperature:.3f}; "
           f"fallback {router.config.fallback!r} below confidence {router.config.threshold}")
-    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

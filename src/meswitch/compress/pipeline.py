@@ -1,4 +1,7 @@
-"""Compress one expert against its base into a store: calibrate, encode each layer, distil, measure.
+"""Compress one expert against its base: calibrate, encode each layer, distil, apply the deltas.
+
+What the result is worth is measured by the caller on :func:`held_out_batches` (the job
+``meswitch.jobs.compress_store`` does, before it adds the expert to a store).
 
 Policy for the weights that are not decoder linear layers (documented in docs/compression.md):
 norms and any other changed tensor are stored as a ``dense`` fp16 delta (counted in the size);
@@ -83,6 +86,14 @@ def _blocks(examples: list[Example], tok: Any, cfg: CompressConfig, extra: int =
     if len(ids) < need:
         raise MeswitchError(f"calibration text gives {len(ids)} blocks of {cfg.calib_len} tokens; need {need}")
     return ids[: need + extra], mask[: need + extra]
+
+
+def held_out_batches(tok: Any, calib: list[Example], cfg: CompressConfig
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
+    """The ``cfg.eval_blocks`` calibration blocks :func:`compress_model` never learns from, one per batch:
+    ``(ids [1, calib_len], mask [1, calib_len], None)`` for ``meswitch.eval.fidelity.compare_models``."""
+    ids, mask = _blocks(calib, tok, cfg)
+    return [(ids[i : i + 1], mask[i : i + 1], None) for i in range(cfg.calib_blocks, len(ids))]
 
 
 def _hessian_pool(tok: Any, calib: list[Example], cfg: CompressConfig) -> torch.Tensor:
@@ -188,17 +199,18 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
                    cfg: CompressConfig, act_sq: dict[str, torch.Tensor] | None = None,
                    hessians: Hessians | None = None, rung_cache: dict | None = None
                    ) -> tuple[dict, dict, dict[str, Any]]:
-    """Compress ``expert`` against ``base`` (both fp32 HF models; ``base`` is modified in place).
+    """Compress ``expert`` against ``base`` (both fp32 HF models).
 
+    ``base`` is modified in place: it ends as base + the deltas as stored (distilled step sizes
+    included), the model whose fidelity to ``expert`` the caller measures on :func:`held_out_batches`.
     act_sq, hessians: calibration statistics from :func:`expert_act_sq` and :func:`expert_hessians`
     to reuse across settings (else computed when the method needs them); rung_cache: a dict kept
     across ``gptq-mixed`` runs of one expert with the same statistics, so its encodings are reused.
-    Returns (layers, layer_meta, info) ready for ``DeltaStore.add_expert``.
+    Returns (layers, layer_meta, info): what ``DeltaStore.add_expert`` takes, ``info`` without fidelity.
     """
     from tqdm.auto import tqdm
 
-    from meswitch.compress.apply import apply_delta
-    from meswitch.eval.fidelity import compare_models
+    from meswitch.deltas.apply import apply_delta
 
     t0 = time.perf_counter()
     b_state, e_state = base.state_dict(), expert.state_dict()
@@ -259,8 +271,6 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
     apply_delta(base, {n: layers[n] for n in quantized}, {n: meta[n] for n in quantized})
     compress_s = time.perf_counter() - t0
 
-    ev = [(ids[i : i + 1], mask[i : i + 1], None) for i in range(cfg.calib_blocks, len(ids))]
-    fid = compare_models(expert, base, ev)
     lin_bytes = sum(sum(t.numel() * t.element_size() for t in layers[n].values()) for n in names)
     lin_params = sum(e_state[f"{n}.weight"].numel() for n in names)
     all_bytes = sum(t.numel() * t.element_size() for f in layers.values() for t in f.values())
@@ -273,7 +283,6 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         "fp16_expert_bytes": 2 * n_params,
         "ratio_vs_fp16": 2 * n_params / all_bytes,
         "unchanged": unchanged,
-        "fidelity_calib": fid.as_dict(),
         "distill_losses": distill_losses[:: max(1, len(distill_losses) // 50)],
         "compress_s": round(compress_s, 2),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -287,36 +296,3 @@ def expert_act_sq(expert: torch.nn.Module, tok: Any, calib: list[Example], cfg: 
     """The per-channel activation statistics :func:`compress_model` would collect for ``cfg``."""
     ids, _ = _blocks(calib, tok, cfg)
     return collect_act_sq(expert, ids[: cfg.calib_blocks].split(4), linear_names(expert))
-
-
-def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path,
-                        calib: list[Example] | Mapping[str, list[Example]], cfg: CompressConfig,
-                        overwrite: bool = True) -> dict[str, dict[str, Any]]:
-    """Compress each ``name -> checkpoint dir`` against ``base_dir`` and add it to the store at ``store_path``.
-
-    calib: one calibration set for every expert, or ``{name: examples}`` (e.g. each expert's own
-    domain text, as ``meswitch compress --zoo`` does).
-    """
-    from meswitch.model.checkpoint import load_checkpoint
-    from meswitch.store import DeltaStore, base_info, fingerprint_model
-    from meswitch.store.manifest import check_name
-
-    for name in experts:
-        check_name(name)  # fail before minutes of work, not after
-        if isinstance(calib, Mapping) and name not in calib:
-            raise MeswitchError(f"no calibration text for expert {name!r}")
-    base, tok = load_checkpoint(base_dir)
-    store = DeltaStore.create(store_path, fingerprint_model(base), base_info(base))
-    store.set_extra("base_path", str(Path(base_dir).resolve()))
-    results = {}
-    for name, exp_dir in experts.items():
-        if base is None:  # compression edits the base in place: a fresh copy per expert
-            base, tok = load_checkpoint(base_dir)
-        expert, _ = load_checkpoint(exp_dir)
-        layers, meta, info = compress_model(base, expert, tok, calib[name] if isinstance(calib, Mapping) else calib, cfg)
-        info["reference_path"] = str(Path(exp_dir).resolve())
-        store.add_expert(name, layers, meta, info, overwrite=overwrite)
-        results[name] = info
-        base = None
-        del expert, layers
-    return results

@@ -18,12 +18,14 @@ def store_fidelity(
     max_len: int = 512,
     batch_size: int = 4,
 ) -> dict[str, Any]:
-    """KL(expert || compressed), top-1 agreement and perplexity ratio on ``examples``.
+    """KL(expert || compressed), top-1 agreement and perplexity ratio on ``examples``, and the expert's bits per parameter.
 
-    The base is checked against the store's fingerprint before anything is computed.
+    The base (``base_dir``, else the path the store records) is checked against the store's
+    fingerprint before anything is computed; the reference is ``reference_dir``, else the checkpoint
+    the expert was compressed from.
     """
-    from meswitch.compress.apply import apply_delta
     from meswitch.data.chat import padded_batches
+    from meswitch.deltas.apply import apply_delta
     from meswitch.eval.fidelity import compare_models
     from meswitch.model.checkpoint import load_checkpoint
     from meswitch.store import DeltaStore, fingerprint_model
