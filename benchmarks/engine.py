@@ -272,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         row["engine"] = row["packed"]
         results["memory_bytes"][str(n)] = row
 
-    zoo_experts = {n: Path(src.expert_meta(n)["meta"]["reference_path"]) for n in names3}
-    if all(p.is_dir() for p in zoo_experts.values()):
+    refs = {n: src.expert_meta(n)["meta"].get("reference_path") for n in names3}  # absent: not made from checkpoints
+    zoo_experts = {n: Path(p) for n, p in refs.items() if p}
+    if len(zoo_experts) == len(refs) and all(p.is_dir() for p in zoo_experts.values()):
         results["swap"] = swap_baseline(zoo_experts, tok, args.swap_requests, 32)
         eng = Engine(store16, base, tok, EngineConfig(max_batch=16), check_base=False)
         engine_traffic(eng, names16, 16, 2, together=True)  # warm-up: every expert loaded once
