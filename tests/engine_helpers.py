@@ -156,3 +156,74 @@ def small_config(**kw):
     from meswitch.compress.config import CompressConfig
 
     return CompressConfig(calib_blocks=4, eval_blocks=2, calib_len=128, **kw)
+
+
+class ByteTokenizer:
+    """Stands in for the tokenizer of a 256-token model: one token per UTF-8 byte, no special tokens."""
+
+    eos_token_id = None
+
+    def get_vocab(self) -> dict[str, int]:
+        return {chr(i): i for i in range(256)}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+FAMILY_WINDOW = 4  # the sliding window of the tiny windowed families: shorter than the test sequences
+
+
+def tiny_family(family: str, seed: int = 0, vocab: int = 256):
+    """A tiny random causal LM of a Hugging Face family: 2 layers, hidden 64, 4 query and 2 key-value heads.
+
+    ``family``: a ``model_type`` (``gemma3_text`` included), ``qwen2_window`` (qwen2 with
+    ``use_sliding_window`` on its second layer, as qwen3 has) or ``phi3_longrope`` (long factors past
+    position 8). Each family's variant is switched on: Llama 3 rope
+    scaling and biases on every linear layer, sliding windows of :data:`FAMILY_WINDOW`, Gemma soft-capping and ``query_pre_attn_scalar``,
+    Phi-3 partial rotary.
+    """
+    import transformers as tf
+
+    common = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "initializer_range": 0.1, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    w = FAMILY_WINDOW
+    gemma = {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": w, "final_logit_softcapping": 5.0,
+             "layer_types": ["sliding_attention", "full_attention"]}
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    families = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {"rope_parameters": llama3, "tie_word_embeddings": True,
+                                                         "attention_bias": True, "mlp_bias": True}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": w}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {"use_sliding_window": False, "sliding_window": w}),
+        "qwen2_window": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": w,
+                                                               "max_window_layers": 1}),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16, "use_sliding_window": True,
+                                                        "sliding_window": w, "max_window_layers": 1}),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {**gemma, "attn_logit_softcapping": 2.0}),
+        "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, gemma),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"sliding_window": w, "rope_parameters": {
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+        "phi3_longrope": (tf.Phi3Config, tf.Phi3ForCausalLM, {"original_max_position_embeddings": 8, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, 4.0, 8.0]}}),
+    }
+    config_cls, model_cls, extra = families[family]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**common, **extra})).eval()
+
+
+def hf_incremental_logits(model, ids: list[int], prefill: int) -> torch.Tensor:
+    """transformers' own cached decoding: prefill ``prefill`` tokens, then one token per forward;
+    ``[len - prefill + 1, V]``, the logits after each (what ``teacher_forced_logits`` compares to)."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids[:prefill]]), use_cache=True)
+        logits = [out.logits[0, -1]]
+        for p in range(prefill, len(ids)):
+            out = model(torch.tensor([[ids[p]]]), cache=out.cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+    return torch.stack(logits)

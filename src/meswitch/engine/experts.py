@@ -257,7 +257,7 @@ class ExpertPool:
             return self.model.lm_head
         raise UnsupportedModelError(
             f"expert {expert!r}: the engine cannot apply a delta to {layer!r} (norms, embeddings, the output "
-            "head and linear layers are supported)"
+            "head, linear layers and the biases of unfused ones are supported)"
         )
 
 

@@ -175,15 +175,20 @@ def _same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
 class ExpertNorm(nn.Module):
     """RMSNorm with per-expert weight deltas: ``y[i] = rms_normalize(x[i]) * (w + dw_{e_i})``.
 
-    ``x: [T, D]`` -> ``[T, D]``; ``dw`` float ``[D]``, from a dense stored delta of the norm weight.
-    A step with deltas gathers each row's ``w + dw_e`` from a table (one row per expert id, rebuilt
-    when the deltas change): three ops per norm however many experts the step holds.
+    ``x: [T, ..., D]`` -> the same shape (``[T, D]`` for a layer norm, ``[T, heads, hd]`` for the
+    per-head q/k norms of Qwen3 and Gemma 3); ``dw`` float ``[D]``, from a dense stored delta of the
+    norm weight. ``unit_offset`` (Gemma, whose norm weights are stored minus one): ``y[i] =
+    rms_normalize(x[i]) * (1 + w + dw_{e_i})``, multiplied in float32 before the cast back, as
+    transformers' ``Gemma2RMSNorm`` does; otherwise the normalized ``x`` is cast first, as in
+    ``LlamaRMSNorm``. A step with deltas gathers each row's weight from a table (one row per expert
+    id, rebuilt when the deltas change): three ops per norm however many experts the step holds.
     """
 
-    def __init__(self, weight: Tensor, eps: float) -> None:
+    def __init__(self, weight: Tensor, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = weight
         self.eps = eps
+        self.unit_offset = unit_offset
         self.deltas: dict[int, Tensor] = {}
         self._table: tuple[tuple[tuple[int, ...], tuple[Tensor, ...]], Tensor] | None = None
 
@@ -191,8 +196,8 @@ class ExpertNorm(nn.Module):
         self.deltas.pop(idx, None)
 
     def table(self, min_rows: int = 0) -> Tensor:
-        """``[R, D]`` in the weight's dtype, ``R >= min_rows``: row ``e + 1`` is ``w + dw_e`` (``w`` where
-        expert ``e`` has no delta), row 0 is ``w`` (the base)."""
+        """``[R, D]``, ``R >= min_rows``: row ``e + 1`` is ``w + dw_e`` (``w`` where expert ``e`` has no
+        delta), row 0 is ``w`` (the base); in the weight's dtype, or float32 ``1 + w + dw_e`` with ``unit_offset``."""
         key = (tuple(self.deltas), tuple(self.deltas.values()))  # the table holds the tensors it was built from
         held = self._table
         if held is None or held[0][0] != key[0] or not _same_objects(held[0][1], key[1]) or held[1].shape[0] < min_rows:
@@ -200,36 +205,46 @@ class ExpertNorm(nn.Module):
             table = w.float().expand(max(max(self.deltas, default=-1) + 2, min_rows), -1).clone()
             for e, d in self.deltas.items():
                 table[e + 1] += d.to(table.device, torch.float32)
-            self._table = (key, table.to(w.dtype))
+            self._table = (key, table + 1.0 if self.unit_offset else table.to(w.dtype))
         return self._table[1]
 
     def forward(self, x: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
         """``expert_rows: int64 [T]``, the expert index of each row (``segments.expert_ids`` as a tensor)."""
         xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        if not any(e in self.deltas for e in segments.experts):
-            return self.weight * normed
-        return normed * self.table(segments.experts[-1] + 2).index_select(0, expert_rows + 1)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if any(e in self.deltas for e in segments.experts):
+            rows = self.table(segments.experts[-1] + 2).index_select(0, expert_rows + 1)  # [T, D]
+            w = rows.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
+        else:
+            w = 1.0 + self.weight.float() if self.unit_offset else self.weight
+        if self.unit_offset:
+            return (normed * w).to(x.dtype)
+        return w * normed.to(x.dtype)
 
 
 class ExpertEmbedding(nn.Module):
-    """Token embedding with per-expert dense deltas: ``h[i] = E[ids[i]] + dE_{e_i}[ids[i]]``.
+    """Token embedding with per-expert dense deltas: ``h[i] = (E[ids[i]] + dE_{e_i}[ids[i]]) * scale``.
 
-    ``ids: int64 [T]`` -> ``[T, D]``; ``dE``: ``[V, D]`` (16 bit as stored).
+    ``ids: int64 [T]`` -> ``[T, D]``; ``dE``: ``[V, D]`` (16 bit as stored). ``scale`` (Gemma:
+    ``sqrt(D)``), cast to the embedding's dtype as transformers does; None: no scaling.
     """
 
-    def __init__(self, base: nn.Embedding) -> None:
+    def __init__(self, base: nn.Embedding, scale: float | None = None) -> None:
         super().__init__()
         self.base = base
+        self.scale = scale
         self.deltas: dict[int, Tensor] = {}
 
     def drop(self, idx: int) -> None:
         self.deltas.pop(idx, None)
 
     def forward(self, ids: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
-        h = self.base(ids)
+        w = self.base.weight
+        h = F.embedding(ids, w)  # not self.base(ids): a scaled embedding module would scale before the deltas
         for e in segments.experts:
             if e in self.deltas:
                 rows = expert_rows == e
                 h[rows] += self.deltas[e][ids[rows]].to(h.dtype)
-        return h
+        if self.scale is None:
+            return h
+        return h * torch.tensor(self.scale).to(w.dtype)

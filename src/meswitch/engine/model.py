@@ -1,4 +1,4 @@
-"""The serving model: a Llama-family decoder run over a flat batch of tokens from many sequences.
+"""The serving model: one decoder, for every supported family, run over a flat batch of tokens from many sequences.
 
 Shape legend: ``T`` tokens in a step (all sequences concatenated), ``S`` sequences in the step,
 ``D`` hidden size, ``H``/``H_kv`` query/key-value heads, ``hd`` head dim, ``g = H / H_kv``,
@@ -7,31 +7,36 @@ positions ``[start_j, start_j + n_j)``: a prefill (``n_j`` = prompt length) or a
 (``n_j = 1``); both kinds mix in one forward, and every linear layer sees all ``T`` rows at once,
 grouped by expert. Attention reads the slot-based :class:`~meswitch.engine.kv_cache.KVCache`.
 
-Per layer, in plain PyTorch (what Hugging Face's ``LlamaDecoderLayer`` computes)::
+Per layer, in plain PyTorch (what Hugging Face's ``LlamaDecoderLayer`` computes; the bracketed
+steps are the ones a family's :class:`~meswitch.engine.families.FamilySpec` switches on)::
 
-    h = h + o_proj(attn(rope(q_proj(norm1(h))), rope(k_proj(norm1(h))), v_proj(norm1(h))))
-    h = h + down_proj(act(gate_proj(norm2(h))) * up_proj(norm2(h)))
+    q, k, v = q_proj(norm1(h)), k_proj(norm1(h)), v_proj(norm1(h))     # phi3: qkv_proj(norm1(h)), split
+    [q, k = q_norm(q), k_norm(k)]                                       # per head: qwen3, gemma3
+    a = o_proj(attn(rope(q), rope(k), v))                               # window, scale, soft-cap: attention.py
+    h = h + [post_attention_norm](a)                                    # gemma
+    m = down_proj(act(gate_proj(norm2(h))) * up_proj(norm2(h)))         # phi3: gate_up_proj, split
+    h = h + [post_feedforward_norm](m)                                  # gemma
+
+and around the layers ``h = embed(ids) [* sqrt(D)]``, ``logits = lm_head(norm(h)) [soft-capped]``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from torch import Tensor, nn
 
+from meswitch.engine.attention import AttentionSpec, apply_rope, attention
 from meswitch.engine.backends import DeltaBackend
-from meswitch.engine.errors import UnsupportedModelError
+from meswitch.engine.families import SUPPORTED, FamilySpec
 from meswitch.engine.kv_cache import KVCache
 from meswitch.engine.layers import ExpertEmbedding, ExpertLinear, ExpertNorm, SharedInputLinears
 from meswitch.engine.segments import Segments
 
-SUPPORTED = ("llama", "mistral", "qwen2")
-_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
+__all__ = ["SUPPORTED", "DecoderLayer", "ExpertBias", "FamilySpec", "FusedLinear", "SeqSlice", "ServingModel", "StepBatch"]
 
 @dataclass(frozen=True)
 class SeqSlice:
@@ -66,123 +71,163 @@ class StepBatch:
         return Segments.from_ids([s.expert for s in self.seqs])
 
 
+class FusedLinear(nn.Module):
+    """One :class:`ExpertLinear` whose output is several projections side by side (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``): ``forward(x, segments)`` -> one ``[T, w_j]`` column view per width in ``widths``.
+    The stored delta is the fused matrix's, as its Hugging Face module name says."""
+
+    def __init__(self, linear: ExpertLinear, widths: Sequence[int]) -> None:
+        super().__init__()
+        if sum(widths) != linear.shape[0]:
+            raise ValueError(f"widths {list(widths)} do not add up to the layer's {linear.shape[0]} outputs")
+        self.linear = linear
+        self.widths = list(widths)
+
+    def forward(self, x: Tensor, segments: Segments) -> list[Tensor]:
+        return list(self.linear(x, segments).split(self.widths, -1))
+
+
+class ExpertBias(nn.Module):
+    """Per-expert deltas of a linear layer's bias: ``y[i] + db_{e_i}`` (``y: [T, out]`` already holding the base
+    bias, ``db`` float ``[out]`` from a dense stored delta; rows of experts without one are left as they are).
+    ``weight`` is the base bias itself (the parameter the stored delta is named after)."""
+
+    def __init__(self, bias: Tensor) -> None:
+        super().__init__()
+        self.weight = bias
+        self.deltas: dict[int, Tensor] = {}
+
+    def drop(self, idx: int) -> None:
+        self.deltas.pop(idx, None)
+
+    def forward(self, y: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
+        held = [e for e in segments.experts if e in self.deltas]
+        if not held:
+            return y
+        table = y.new_zeros(max(segments.experts) + 2, y.shape[-1])  # row e + 1: expert e's delta, row 0: none
+        for e in held:
+            table[e + 1] = self.deltas[e].to(y.dtype)
+        return y + table.index_select(0, expert_rows + 1)
+
+
+def _norm(hf_layer: nn.Module, name: str, unit_offset: bool) -> ExpertNorm:
+    mod = attrgetter(name)(hf_layer)
+    eps = getattr(mod, "variance_epsilon", None) or mod.eps
+    return ExpertNorm(mod.weight, eps, unit_offset=unit_offset)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, cfg: object, backend: DeltaBackend) -> None:
+    """One decoder layer of any supported family over the Hugging Face layer's weights (module docstring)."""
+
+    def __init__(self, hf_layer: nn.Module, spec: FamilySpec, index: int, backend: DeltaBackend) -> None:
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        eps = cfg.rms_norm_eps
-        self.norm1 = ExpertNorm(hf_layer.input_layernorm.weight, eps)
-        self.norm2 = ExpertNorm(hf_layer.post_attention_layernorm.weight, eps)
-        self.q, self.k, self.v, self.o = (ExpertLinear(m, backend) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                                       attn.o_proj))
-        self.gate, self.up, self.down = (ExpertLinear(m, backend) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self.qkv, self.gate_up = SharedInputLinears((self.q, self.k, self.v)), SharedInputLinears((self.gate, self.up))
-        self.act = mlp.act_fn
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        hd = spec.head_dim
+        self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, hd
+        self.attn = AttentionSpec(spec.attn_scale, spec.attn_softcap, spec.windows[index])
+        self.rope_key = spec.rope_keys[index]
+        # role -> Hugging Face name of the norm (its parameter is "<name>.weight")
+        roles = ({"norm1": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+                  "norm2": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+                 if spec.sandwich_norms else {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"})
+        if spec.qk_norm:
+            roles |= {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+        self._norm_names: dict[str, ExpertNorm] = {}
+        for role in ("norm1", "norm2", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm"):
+            norm = _norm(hf_layer, roles[role], spec.norm_unit_offset) if role in roles else None
+            setattr(self, role, norm)
+            if norm is not None:
+                self._norm_names[roles[role]] = norm
+        self.o, self.down = ExpertLinear(attn.o_proj, backend), ExpertLinear(mlp.down_proj, backend)
+        self.q = self.k = self.v = self.gate = self.up = None
+        self.qkv: SharedInputLinears | FusedLinear
+        self.gate_up: SharedInputLinears | FusedLinear
+        if spec.fused:
+            qkv, gate_up = ExpertLinear(attn.qkv_proj, backend), ExpertLinear(mlp.gate_up_proj, backend)
+            self.qkv = FusedLinear(qkv, (spec.heads * hd, spec.kv_heads * hd, spec.kv_heads * hd))
+            self.gate_up = FusedLinear(gate_up, (gate_up.shape[0] // 2,) * 2)  # gate first (Phi3MLP's chunk)
+            self._linears = {"self_attn.qkv_proj": qkv, "self_attn.o_proj": self.o,
+                             "mlp.gate_up_proj": gate_up, "mlp.down_proj": self.down}
+        else:
+            self.q, self.k, self.v = (ExpertLinear(m, backend) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+            self.gate, self.up = ExpertLinear(mlp.gate_proj, backend), ExpertLinear(mlp.up_proj, backend)
+            self.qkv, self.gate_up = SharedInputLinears((self.q, self.k, self.v)), SharedInputLinears((self.gate, self.up))
+            self._linears = {"self_attn.q_proj": self.q, "self_attn.k_proj": self.k, "self_attn.v_proj": self.v,
+                             "self_attn.o_proj": self.o, "mlp.gate_proj": self.gate, "mlp.up_proj": self.up,
+                             "mlp.down_proj": self.down}
+        self.act = getattr(mlp, "act_fn", None) or mlp.activation_fn
+        # Bias deltas of the unfused layers that have a bias (qwen2's q/k/v; llama's attention_bias, mlp_bias).
+        self.biases = {name: ExpertBias(m.base.bias) for name, m in self._linears.items()
+                       if m.base.bias is not None and not spec.fused}
 
     def linears(self) -> dict[str, ExpertLinear]:
-        mods = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        return dict(zip(_LINEARS, mods, strict=True))
+        """Every linear layer under its Hugging Face module name within the layer (``self_attn.q_proj``, ...)."""
+        return dict(self._linears)
 
-    def forward(self, h: Tensor, batch: StepBatch, cos: Tensor, sin: Tensor, cache: KVCache, index: int) -> Tensor:
+    def norms(self) -> dict[str, ExpertNorm | ExpertBias]:
+        """Every per-expert vector under its Hugging Face parameter name within the layer: the norms'
+        weights (``input_layernorm.weight``, ...) and the linear layers' biases (``self_attn.q_proj.bias``)."""
+        return {**{f"{n}.weight": m for n, m in self._norm_names.items()},
+                **{f"{n}.bias": m for n, m in self.biases.items()}}
+
+    def _bias(self, name: str, y: Tensor, seg: Segments, rows: Tensor) -> Tensor:
+        b = self.biases.get(name)
+        return y if b is None else b(y, seg, rows)
+
+    def forward(self, h: Tensor, batch: StepBatch, rope: dict[str | None, tuple[Tensor, Tensor]], cache: KVCache,
+                index: int) -> Tensor:
+        """``h: [T, D]`` -> ``[T, D]``; ``rope``: ``(cos, sin)`` ``[T, r]`` per rope key of the model."""
         seg, rows = batch.segments, batch.expert_rows
         x = self.norm1(h, seg, rows)
         t = x.shape[0]
         q, k, v = self.qkv(x, seg)
-        q = _rope(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = _rope(k.view(t, self.kv_heads, self.head_dim), cos, sin)
-        a = attention(q, k, v.view(t, self.kv_heads, self.head_dim), batch, cache, index)  # [T, H * hd]
-        h = h + self.o(a, seg)
+        if self.biases:
+            q, k, v = (self._bias(f"self_attn.{n}_proj", y, seg, rows) for n, y in zip("qkv", (q, k, v), strict=True))
+        q, k = q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, seg, rows), self.k_norm(k, seg, rows)
+        cos, sin = rope[self.rope_key]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        a = self.o(attention(q, k, v.view(t, self.kv_heads, self.head_dim), batch, cache, index, self.attn), seg)
+        a = self._bias("self_attn.o_proj", a, seg, rows)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a, seg, rows)
+        h = h + a
         x = self.norm2(h, seg, rows)
         gate, up = self.gate_up(x, seg)
-        return h + self.down(self.act(gate) * up, seg)
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding, half-split convention: ``x: [T, heads, hd]``, ``cos/sin: [T, hd]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, batch: StepBatch, cache: KVCache, layer: int) -> Tensor:
-    """Causal attention of every sequence over its cached past plus this step's tokens.
-
-    ``q: [T, H, hd]``, ``k, v: [T, H_kv, hd]`` (new tokens, written into the cache first) -> ``[T, H * hd]``.
-    Sequences of one token (decode) attend together over a view of the cache's slot prefix;
-    longer ones (prefill) one by one with a causal mask.
-    """
-    t, heads, hd = q.shape
-    kvh = k.shape[1]
-    g, scale = heads // kvh, 1.0 / math.sqrt(hd)
-    out = q.new_empty(t, heads, hd)
-    decode: list[tuple[int, SeqSlice]] = []
-    row = 0
-    for s in batch.seqs:
-        if s.n == 1:
-            decode.append((row, s))
-        else:
-            cache.write(layer, s.slot, s.start, k[row : row + s.n], v[row : row + s.n])
-            end = s.start + s.n
-            kc, vc = cache.k[layer][s.slot, :, :end], cache.v[layer][s.slot, :, :end]  # [H_kv, end, hd]
-            qs = q[row : row + s.n].view(s.n, kvh, g, hd).permute(1, 2, 0, 3)  # [H_kv, g, n, hd]
-            scores = qs @ kc[:, None].transpose(-1, -2) * scale  # [H_kv, g, n, end]
-            qpos = torch.arange(s.start, end, device=q.device)[:, None]
-            mask = torch.arange(end, device=q.device)[None, :] > qpos  # [n, end]
-            probs = torch.softmax(scores.masked_fill(mask, float("-inf")).float(), -1).to(vc.dtype)
-            out[row : row + s.n] = (probs @ vc[:, None]).permute(2, 0, 1, 3).reshape(s.n, heads, hd)
-        row += s.n
-    if decode:
-        rows = torch.tensor([r for r, _ in decode], device=q.device)
-        slots = torch.tensor([s.slot for _, s in decode], device=q.device)
-        pos = torch.tensor([s.start for _, s in decode], device=q.device)
-        cache.write_tokens(layer, slots, pos, k[rows], v[rows])
-        n_slots = int(slots.max()) + 1
-        length = int(pos.max()) + 1
-        kc = cache.k[layer][:n_slots, :, :length]  # [N', H_kv, C', hd] (a view)
-        vc = cache.v[layer][:n_slots, :, :length]
-        qd = q.new_zeros(n_slots, kvh, g, hd)
-        qd[slots] = q[rows].view(-1, kvh, g, hd)
-        scores = qd @ kc.transpose(-1, -2) * scale  # [N', H_kv, g, C']
-        valid = torch.zeros(n_slots, length, dtype=torch.bool, device=q.device)
-        valid[slots] = torch.arange(length, device=q.device)[None, :] <= pos[:, None]
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), -1).nan_to_num_(0.0).to(vc.dtype)
-        out[rows] = (probs @ vc)[slots].reshape(-1, heads, hd)
-    return out.reshape(t, heads * hd)
+        if self.biases:
+            gate, up = self._bias("mlp.gate_proj", gate, seg, rows), self._bias("mlp.up_proj", up, seg, rows)
+        m = self._bias("mlp.down_proj", self.down(self.act(gate) * up, seg), seg, rows)
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m, seg, rows)
+        return h + m
 
 
 class ServingModel(nn.Module):
-    """A Hugging Face Llama-family causal LM rewired for multi-expert, continuously batched decoding.
+    """A Hugging Face causal LM of a supported family rewired for multi-expert, continuously batched decoding.
 
     The Hugging Face modules' weights are shared, not copied: each layer's q/k/v and gate/up
     parameters become views of one stacked tensor (:class:`SharedInputLinears`), same values, so
     the Hugging Face model still runs as before. ``forward(ids: int64 [T], batch,
     cache) -> logits: float32 [S, V]`` for the last token of each sequence in ``batch``. ``backend``
     (:mod:`meswitch.engine.backends`) holds and applies every linear layer's expert deltas.
+    :class:`UnsupportedModelError` for a family outside :data:`SUPPORTED` (:mod:`meswitch.engine.families`).
     """
 
     def __init__(self, hf_model: nn.Module, backend: DeltaBackend) -> None:
         super().__init__()
         cfg = hf_model.config
-        if getattr(cfg, "model_type", None) not in SUPPORTED:
-            raise UnsupportedModelError(
-                f"the engine runs {', '.join(SUPPORTED)} models; this base is {getattr(cfg, 'model_type', None)!r}"
-            )
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            raise UnsupportedModelError("sliding-window attention is not supported by the engine")
+        self.spec = spec = FamilySpec.from_config(cfg)
         self.config = cfg
         inner = hf_model.model
-        self.embed = ExpertEmbedding(inner.embed_tokens)
+        self.embed = ExpertEmbedding(inner.embed_tokens, spec.embed_scale)
         self.backend = backend
-        self.layers = nn.ModuleList(DecoderLayer(layer, cfg, backend) for layer in inner.layers)
-        self.norm = ExpertNorm(inner.norm.weight, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(layer, spec, i, backend) for i, layer in enumerate(inner.layers))
+        self.norm = _norm(inner, "norm", spec.norm_unit_offset)
         self.lm_head = ExpertLinear(hf_model.lm_head, backend)
         self.rotary = inner.rotary_emb
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
-        first = self.layers[0]
-        self.kv_heads, self.head_dim = first.kv_heads, first.head_dim
+        self.kv_heads, self.head_dim = spec.kv_heads, spec.head_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -199,27 +244,46 @@ class ServingModel(nn.Module):
                 yield f"model.layers.{i}.{name}", mod
         yield "lm_head", self.lm_head
 
-    def norms(self) -> Iterator[tuple[str, ExpertNorm]]:
-        """Every RMSNorm under its Hugging Face parameter name."""
+    def norms(self) -> Iterator[tuple[str, ExpertNorm | ExpertBias]]:
+        """Every per-expert vector under its Hugging Face parameter name: each RMSNorm's weight and each
+        (unfused) linear layer's bias; their stored deltas are dense, applied per row's expert."""
         for i, layer in enumerate(self.layers):
-            yield f"model.layers.{i}.input_layernorm.weight", layer.norm1
-            yield f"model.layers.{i}.post_attention_layernorm.weight", layer.norm2
+            for name, mod in layer.norms().items():
+                yield f"model.layers.{i}.{name}", mod
         yield "model.norm.weight", self.norm
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(len(self.layers), slots, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
+    def _rope(self, h: Tensor, batch: StepBatch, key: str | None) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)``, each ``[T, r]`` in ``h``'s dtype, from transformers' rotary embedding: over the
+        whole step, or sequence by sequence where the frequencies depend on the positions given (longrope)."""
+        args = () if key is None else (key,)
+        pos = batch.positions
+        if not self.spec.rope_per_sequence:
+            cos, sin = self.rotary(h[None], pos[None], *args)
+        else:
+            parts, row = [], 0
+            for s in batch.seqs:
+                parts.append(self.rotary(h[None, row : row + s.n], pos[None, row : row + s.n], *args))
+                row += s.n
+            cos, sin = torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1)
+        return cos[0].to(h.dtype), sin[0].to(h.dtype)
+
     @torch.inference_mode()
     def forward(self, ids: Tensor, batch: StepBatch, cache: KVCache) -> Tensor:
         seg, rows = batch.segments, batch.expert_rows
         h = self.embed(ids, seg, rows)  # [T, D]
-        cos, sin = self.rotary(h[None], batch.positions[None])
-        cos, sin = cos[0].to(h.dtype), sin[0].to(h.dtype)  # [T, hd]
+        rope = {key: self._rope(h, batch, key) for key in dict.fromkeys(self.spec.rope_keys)}
         for i, layer in enumerate(self.layers):
-            h = layer(h, batch, cos, sin, cache, i)
+            h = layer(h, batch, rope, cache, i)
         for s in batch.seqs:
             cache.lengths[s.slot] = s.start + s.n
         last = h.index_select(0, batch.last_rows)  # [S, D]
         last_seg = batch.last_segments()
         last_rows = torch.tensor(last_seg.expert_ids, device=h.device)
-        return self.lm_head(self.norm(last, last_seg, last_rows), last_seg).float()
+        logits = self.lm_head(self.norm(last, last_seg, last_rows), last_seg)
+        cap = self.spec.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
