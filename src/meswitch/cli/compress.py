@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compress", help="compress experts into a delta store")
     p.add_argument("--zoo", choices=["full", "small"], help="take base, experts and calibration text from a zoo")
     p.add_argument("--base", type=Path, help="base model checkpoint directory")
-    p.add_argument("--expert", type=_expert_arg, action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--expert", type=_expert_arg, action="append", default=[], metavar="NAME=DIR",
+                   help="a fine-tuned checkpoint, or a PEFT LoRA adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors: stored as its 16-bit factors, no calibration)")
     p.add_argument("--out", type=Path, required=True, help="store directory (created, or added to)")
     p.add_argument("--method", choices=["salient", "gptq", "gptq-mixed", "mixed", "sign2d", "rtn", "bitdelta"],
                    default=d.method, help="gptq: rtn's grid, codes chosen with error feedback; the mixed "
@@ -71,9 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_fidelity)
 
 
-def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path | dict[str, Path]]:
+def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path | dict[str, Path] | None]:
     """Base, experts, and calibration text: ``--calib`` for every expert, else with ``--zoo`` each
-    zoo expert's own domain text (others get the zoo's whole training split)."""
+    zoo expert's own domain text (others get the zoo's whole training split); None when every expert
+    is a LoRA adapter, which needs none."""
+    from meswitch.jobs.peft_adapter import is_adapter
     from meswitch.zoo.build import ZooPaths, expert_calibration, zoo_dir
     from meswitch.zoo.recipe import get_recipe
 
@@ -89,6 +93,8 @@ def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Pa
             experts = {n: paths.expert(n) for n, _ in get_recipe(args.zoo).experts}
     if base is None or not experts:
         raise MeswitchError("give --base DIR and at least one --expert NAME=DIR (or --zoo full|small)")
+    if calib is None and all(is_adapter(p) for p in experts.values()):
+        return Path(base), experts, None
     if calib is None:
         guess = Path(base).parent / "data" / "train.jsonl"
         if not guess.is_file():
@@ -115,7 +121,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         target_bits=args.target_bits, symmetric=not args.asymmetric, clip_ratio=args.clip_ratio,
         distill_steps=args.distill_steps, distill_lr=args.distill_lr,
     )
-    examples = {n: read_jsonl(p) for n, p in calib.items()} if isinstance(calib, dict) else read_jsonl(calib)
+    examples = ({n: read_jsonl(p) for n, p in calib.items()} if isinstance(calib, dict)
+                else None if calib is None else read_jsonl(calib))
     results = compress_into_store(base, experts, args.out, examples, cfg)
     if args.json:
         print_json({"store": str(args.out), "experts": results})
@@ -138,7 +145,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     rows = []
     for name, e in summary["experts"].items():
         f = e.get("fidelity", {})
-        rows.append([name, e["method"], e["bits"], e["bits_per_param"], f"{e['bytes'] / 2**20:.2f} MiB",
+        method = f"lora r={e['rank']}" if e.get("kind") == "lora" else e["method"]
+        rows.append([name, method, e["bits"], e["bits_per_param"], f"{e['bytes'] / 2**20:.2f} MiB",
                      f"{e['ratio_vs_fp16']:.1f}x", f.get("kl", "-"), f.get("top1", "-"), f.get("ppl_ratio", "-")])
     print_table(f"store {args.store}", ["expert", "method", "bits", "bits/param", "bytes", "vs fp16",
                                         "KL", "top-1", "ppl ratio"], rows)

@@ -1,6 +1,6 @@
 """Records of one stored layer delta, and the one decoder of a store's layer tensors.
 
-A layer delta is ``delta = W_expert - W_base`` of one weight. It is stored in one of two forms:
+A layer delta is ``delta = W_expert - W_base`` of one weight. It is stored in one of three forms:
 
 - :class:`QuantizedDelta` (``meta["method"]`` ``salient``, ``rtn``, ``sign2d`` or ``bitdelta``):
   ``k`` salient input columns kept in 16 bit, the other ``in - k`` columns as ``bits``-bit codes on
@@ -20,12 +20,24 @@ A layer delta is ``delta = W_expert - W_base`` of one weight. It is stored in on
 - :class:`DenseDelta` (``method`` ``dense``): ``delta`` fp16 of the weight's shape (norms,
   embeddings, and linear layers stored losslessly).
 
+- :class:`LowRankDelta` (``method`` ``lora``): a LoRA adapter's factors, ``delta = scale * lora_b @ lora_a``,
+  kept as given (16 bit):
+
+  ========================  =====================================================  ==================
+  field                     dtype, shape                                           present
+  ========================  =====================================================  ==================
+  ``lora_a``                fp16 or bf16 ``[r, in]``                               always
+  ``lora_b``                fp16 or bf16 ``[out, r]``                              always
+  ========================  =====================================================  ==================
+
 Layer meta (JSON in the manifest): ``method``, ``bits``, ``shape``, ``salient`` (``k``),
-``symmetric``; the encoder may add keys of its own (``gptq``), which readers ignore.
+``symmetric`` (quantized forms), ``rank`` and ``scale`` (``lora``); the encoder may add keys of its
+own (``gptq``), which readers ignore.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +49,9 @@ from meswitch.deltas.grid import check_grid, dequantize, sign2d_dequantize
 from meswitch.deltas.pack import check_bits, pack, unpack
 from meswitch.errors import MeswitchError
 
-METHODS = ("salient", "rtn", "sign2d", "bitdelta")  # quantized forms; "dense" is the other
+METHODS = ("salient", "rtn", "sign2d", "bitdelta")  # quantized forms; "dense" and "lora" are the others
+LOW_RANK = "lora"
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # what LowRankDelta stores its factors as
 
 
 class DeltaFormatError(MeswitchError, ValueError):
@@ -172,7 +186,59 @@ class DenseDelta:
         return {"method": "dense", "bits": 16, "shape": list(self.shape), "salient": 0}
 
 
-LayerDelta = QuantizedDelta | DenseDelta
+@dataclass(frozen=True, eq=False)
+class LowRankDelta:
+    """A delta of rank ``r`` as two factors: ``delta = scale * b @ a`` (a LoRA adapter's layer).
+
+    ``a: [r, in]`` (LoRA's ``lora_A``), ``b: [out, r]`` (``lora_B``), ``scale``: ``lora_alpha / r``
+    (``/ sqrt(r)`` for rsLoRA). The factors are stored in 16 bit: bf16 as given, anything else as fp16.
+    """
+
+    a: Tensor
+    b: Tensor
+    scale: float
+
+    def __post_init__(self) -> None:
+        for name in ("a", "b"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise DeltaFormatError(f"lora delta: {name} must be a floating [{'r, in' if name == 'a' else 'out, r'}]"
+                                       f" tensor, got {got}")
+        if self.b.shape[1] != self.a.shape[0] or self.a.shape[0] == 0:
+            raise DeltaFormatError(f"lora delta: a is {list(self.a.shape)} and b {list(self.b.shape)}; expected "
+                                   "a: [r, in], b: [out, r] with the same r > 0")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise DeltaFormatError(f"lora delta {list(self.shape)}: scale must be a finite number, got {self.scale!r}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the whole delta."""
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def dequantize(self) -> Tensor:
+        """The dense delta ``scale * b @ a``: float32 ``[out, in]``."""
+        return (self.b.float() @ self.a.float()) * self.scale
+
+    def fields(self) -> dict[str, Tensor]:
+        """The tensors a store keeps (module docstring): the factors in 16 bit."""
+        return {"lora_a": _half(self.a), "lora_b": _half(self.b)}
+
+    def meta(self) -> dict[str, Any]:
+        return {"method": LOW_RANK, "bits": 16, "shape": list(self.shape), "salient": 0, "rank": self.rank,
+                "scale": float(self.scale)}
+
+
+def _half(t: Tensor) -> Tensor:
+    """``t`` detached in 16 bit: bf16 kept, anything else as fp16."""
+    return t.detach().to(t.dtype if t.dtype in HALF_DTYPES else torch.float16)
+
+
+LayerDelta = QuantizedDelta | DenseDelta | LowRankDelta
 
 
 def _shape(meta: Mapping[str, Any]) -> list[int]:
@@ -195,8 +261,11 @@ def decode(fields: Mapping[str, Tensor], meta: Mapping[str, Any]) -> LayerDelta:
         if list(fields["delta"].shape) != shape:
             raise DeltaFormatError(f"dense delta: meta says {shape}, the tensor is {list(fields['delta'].shape)}")
         return DenseDelta(fields["delta"])
+    if method == LOW_RANK:
+        return _decode_low_rank(fields, meta, shape)
     if method not in METHODS:
-        raise DeltaFormatError(f"unknown method {method!r} in layer meta; expected 'dense' or one of {METHODS}")
+        raise DeltaFormatError(f"unknown method {method!r} in layer meta; expected 'dense', {LOW_RANK!r} or one of "
+                               f"{METHODS}")
     if len(shape) != 2:
         raise DeltaFormatError(f"a {method} delta must be [out, in], meta says {shape}")
     out, n = shape
@@ -231,6 +300,27 @@ def decode(fields: Mapping[str, Tensor], meta: Mapping[str, Any]) -> LayerDelta:
         col_scale=fields["col_scale"].float() if method == "sign2d" else None,
         method=method,
     )
+
+
+def _decode_low_rank(fields: Mapping[str, Tensor], meta: Mapping[str, Any], shape: list[int]) -> LowRankDelta:
+    """The :class:`LowRankDelta` of stored ``lora_a: [r, in]``, ``lora_b: [out, r]`` and meta ``rank``, ``scale``."""
+    if len(shape) != 2:
+        raise DeltaFormatError(f"a lora delta must be [out, in], meta says {shape}")
+    if missing := [f for f in ("lora_a", "lora_b") if f not in fields]:
+        raise DeltaFormatError(f"lora delta {shape} lacks stored field(s) {missing}; has {sorted(fields)}")
+    rank, scale = meta.get("rank"), meta.get("scale")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise DeltaFormatError(f"lora delta {shape}: meta needs a positive integer rank, got {rank!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise DeltaFormatError(f"lora delta {shape}: meta needs a finite number scale, got {scale!r}")
+    out, n = shape
+    a, b = fields["lora_a"], fields["lora_b"]
+    for name, t, want in (("lora_a", a, [rank, n]), ("lora_b", b, [out, rank])):
+        if list(t.shape) != want:
+            raise DeltaFormatError(f"lora delta {shape}, rank {rank}: {name} must be {want}, got {list(t.shape)}")
+        if not t.is_floating_point():
+            raise DeltaFormatError(f"lora delta {shape}: {name} must be floating point, got {t.dtype}")
+    return LowRankDelta(a, b, float(scale))
 
 
 def decode_delta(fields: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Tensor:

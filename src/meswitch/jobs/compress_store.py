@@ -1,4 +1,5 @@
-"""Compress experts into a delta store: load the checkpoints, compress each expert, measure it, store it."""
+"""Compress experts into a delta store: load the checkpoints, compress each expert, measure it, store it
+(PEFT LoRA adapters: read, checked against the base and stored as they are)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def compress_expert(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, ca
 
 
 def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Path,
-                        calib: list[Example] | Mapping[str, list[Example]], cfg: CompressConfig,
+                        calib: list[Example] | Mapping[str, list[Example]] | None, cfg: CompressConfig,
                         overwrite: bool = True) -> dict[str, dict[str, Any]]:
     """Compress each ``name -> checkpoint dir`` against ``base_dir`` and add it to the store at ``store_path``.
 
@@ -47,20 +48,37 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
     records ``base_dir``; each expert records its checkpoint as ``info["reference_path"]``.
     calib: one calibration set for every expert, or ``{name: examples}`` (e.g. each expert's own
     domain text, as ``meswitch compress --zoo`` does). Returns ``{name: info}`` as stored.
+
+    A directory with ``adapter_config.json`` is a PEFT LoRA adapter (:mod:`meswitch.jobs.peft_adapter`):
+    its factors are stored as they are (16 bit, no calibration; ``info["adapter_path"]``). Every
+    adapter is read and checked against the base before the store is created or written to.
     """
+    from meswitch.jobs.peft_adapter import is_adapter, read_adapter
     from meswitch.model.checkpoint import load_checkpoint
     from meswitch.store import DeltaStore, base_info, fingerprint_model
     from meswitch.store.manifest import check_name
 
-    for name in experts:
+    adapter_dirs = {name: Path(d) for name, d in experts.items() if is_adapter(Path(d))}
+    for name, exp_dir in experts.items():
         check_name(name)  # fail before minutes of work, not after
-        if isinstance(calib, Mapping) and name not in calib:
+        if name in adapter_dirs:
+            continue
+        if not (Path(exp_dir) / "config.json").is_file():
+            raise MeswitchError(f"expert {name!r}: {exp_dir} has no config.json (a Hugging Face checkpoint) and no "
+                                "adapter_config.json (a PEFT LoRA adapter)")
+        if calib is None or (isinstance(calib, Mapping) and name not in calib):
             raise MeswitchError(f"no calibration text for expert {name!r}")
     base, tok = load_checkpoint(base_dir)
+    adapters = {name: read_adapter(d, base, Path(base_dir)) for name, d in adapter_dirs.items()}
     store = DeltaStore.create(store_path, fingerprint_model(base), base_info(base))
     store.set_extra("base_path", str(Path(base_dir).resolve()))
     results = {}
     for name, exp_dir in experts.items():
+        if name in adapters:
+            layers, meta, info = adapters.pop(name)
+            store.add_expert(name, layers, meta, info, overwrite=overwrite)
+            results[name] = info
+            continue
         if base is None:  # compression edits the base in place: a fresh copy per expert
             base, tok = load_checkpoint(base_dir)
         expert, _ = load_checkpoint(exp_dir)

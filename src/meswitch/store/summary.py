@@ -12,7 +12,8 @@ def summarize(path: Path) -> dict[str, Any]:
     """``{"experts": {name: {...}}, "footprint": {...}, "base": {...}}`` for the store at ``path``.
 
     bytes: the expert's file on disk (every tensor and the safetensors header);
-    ratio_vs_fp16: an fp16 copy of the whole expert against those bytes.
+    ratio_vs_fp16: an fp16 copy of the whole expert against those bytes;
+    kind: ``lora`` for a LoRA adapter stored as its factors (with its ``rank``), else ``compressed``.
     """
     store = DeltaStore.open(path)
     # an fp16 expert is as large as the fp16 base: same architecture, tied weights counted once
@@ -22,8 +23,10 @@ def summarize(path: Path) -> dict[str, Any]:
         entry = store.expert_meta(name)
         meta = entry["meta"]
         file_bytes = int(entry["bytes"])
+        method = meta.get("config", {}).get("method")
         experts[name] = {
-            "method": meta.get("config", {}).get("method"),
+            "kind": "lora" if method == "lora" else "compressed",
+            "method": method,
             "bits": meta.get("config", {}).get("bits"),
             "bits_per_param": meta.get("bits_per_param"),
             "bytes": file_bytes,
@@ -31,6 +34,8 @@ def summarize(path: Path) -> dict[str, Any]:
             "fidelity": meta.get("fidelity") or meta.get("fidelity_calib", {}),
             "layers": len(entry["layers"]),
         }
+        if method == "lora":
+            experts[name]["rank"] = meta.get("rank")
     n = len(experts)
     store_bytes = fp16 + sum(e["bytes"] for e in experts.values())  # the base itself, in fp16
     return {

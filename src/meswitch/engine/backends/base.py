@@ -27,14 +27,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from meswitch.deltas import DenseDelta, LayerDelta, QuantizedDelta
-from meswitch.engine.backends.forms import DenseForm, Form, PackedForm
+from meswitch.deltas import DenseDelta, LayerDelta, LowRankDelta, QuantizedDelta
+from meswitch.engine.backends.forms import DenseForm, Form, LowRankForm, PackedForm
 
 Work = tuple[Form, int, int, int]  # (form, first row, end row, first output column)
 
 
 class DeltaBackend:
-    """Base class: prepares dense records as :class:`DenseForm`, adds each item with ``form.matmul``."""
+    """Base class: prepares dense records as :class:`DenseForm` and LoRA factors as :class:`LowRankForm`
+    (in every backend: no kernel batches them yet), adds each item with ``form.matmul``."""
 
     name: ClassVar[str]
 
@@ -49,8 +50,10 @@ class DeltaBackend:
         """The resident form of ``delta`` (a linear layer's ``[out, in]`` delta) on this backend's device."""
         if isinstance(delta, DenseDelta):
             return DenseForm(delta.delta.to(self.device))
+        if isinstance(delta, LowRankDelta):
+            return LowRankForm.of(delta, self.device)
         if not isinstance(delta, QuantizedDelta):
-            raise TypeError(f"expected a QuantizedDelta or DenseDelta record, got {type(delta).__name__}")
+            raise TypeError(f"expected a QuantizedDelta, DenseDelta or LowRankDelta record, got {type(delta).__name__}")
         return self.prepare_quantized(delta)
 
     def prepare_quantized(self, delta: QuantizedDelta) -> Form:

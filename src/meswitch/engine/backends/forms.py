@@ -6,8 +6,9 @@ Every form answers three questions, whatever its layout:
 - ``dequantize() -> float32 [out, in]``: the stored delta, exactly (merged weights are built from it);
 - ``nbytes()``: bytes held in memory.
 
-The forms here are plain PyTorch; kernel forms (:mod:`.int4`, :mod:`.lowbit`) wrap a
-:class:`PackedForm` or keep their own layout. A form never changes once built.
+The forms here are plain PyTorch (:class:`LowRankForm` serves LoRA factors in every backend); kernel
+forms (:mod:`.int4`, :mod:`.lowbit`) wrap a :class:`PackedForm` or keep their own layout. A form never
+changes once built.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from meswitch.deltas import QuantizedDelta, pack, unpack
+from meswitch.deltas import LowRankDelta, QuantizedDelta, pack, unpack
 
 
 class Form(Protocol):
@@ -136,3 +137,42 @@ class PackedForm:
         else:
             y.mul_(scale).addcmul_(x_sum, self.zero)
         return self.add_salient(xf, y)
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankForm:
+    """A LoRA delta as its factors, float32 on the backend's device: ``a: [r, in]``, ``b: [out, r]``, and
+    ``scale``; ``delta = scale * b @ a``, never built by :meth:`matmul` (shrink to ``r``, then expand)::
+
+        x @ delta^T = ((x @ a^T) * scale) @ b^T        # x: [n, in] -> [n, r] -> [n, out]
+    """
+
+    a: Tensor
+    b: Tensor
+    scale: float
+
+    @classmethod
+    def of(cls, d: LowRankDelta, device: torch.device) -> LowRankForm:
+        """The form of record ``d`` on ``device`` (its 16-bit factors widened to float32, exactly)."""
+        return cls(d.a.to(device, torch.float32), d.b.to(device, torch.float32), float(d.scale))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x: [n, in]`` -> ``x @ delta^T: float32 [n, out]`` through the rank-``r`` bottleneck (class docstring)."""
+        if x.dim() != 2 or x.shape[1] != self.shape[1]:
+            raise ValueError(f"x must be [n, in={self.shape[1]}], got shape {tuple(x.shape)}")
+        return (x.float() @ self.a.T).mul_(self.scale) @ self.b.T
+
+    def dequantize(self) -> Tensor:
+        """``scale * b @ a``: float32 ``[out, in]``, equal to :meth:`LowRankDelta.dequantize` of its record."""
+        return (self.b @ self.a) * self.scale
+
+    def nbytes(self) -> int:
+        return nbytes(self.a, self.b)
