@@ -126,7 +126,7 @@ def test_every_backend_holds_lora_factors_as_a_low_rank_form_that_gives_the_delt
     assert torch.equal(form.dequantize().cpu(), record.dequantize())  # merged weights are built from it
     assert form.nbytes() == 4 * (6 * IN + OUT * 6)  # the two factors in float32, nothing else
     x = torch.randn(5, IN, generator=gen(6))
-    rel_close(form.matmul(x.to(form.a.device)).cpu(), x @ record.dequantize().T, 1e-5)
+    rel_close(form.matmul(x.to(form.delta.a.device)).cpu(), x @ record.dequantize().T, 1e-5)
 
 
 @pytest.mark.parametrize("name", _backend_cases())

@@ -32,7 +32,7 @@ class LearnableDelta(nn.Module):
             raise DeltaFormatError(f"only quantized deltas have a grid to tune, got method {meta.get('method')!r}")
         self.bits, self.shape = d.bits, d.shape
         scale, zero, col = d.scale.float(), d.zero, d.col_scale
-        sal_idx, sal_cols, rest = d.salient_idx, d.salient_cols.float(), d.rest_idx
+        sal_idx, sal_cols, rest = d.salient_idx, d.columns().float(), d.rest_idx
         # the codes stay packed (1-4 bits, not a byte each): unpacked per layer in forward, which the
         # gradient pass recomputes (checkpoint), so one matrix's codes are unpacked at a time
         self.register_buffer("packed", fields["codes"], persistent=False)

@@ -54,6 +54,16 @@ LOW_RANK = "lora"
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what LowRankDelta stores its factors as
 
 
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` (read from JSON) is an int > 0, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` (read from JSON) is a finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class DeltaFormatError(MeswitchError, ValueError):
     """Stored tensors or layer meta do not describe a delta of the form they claim."""
 
@@ -70,6 +80,7 @@ class QuantizedDelta:
     ``scale: [out]`` (``[1]``: one grid for the matrix), ``zero: [out] | None`` (None: symmetric),
     ``salient_idx: int64 [k]`` (ascending), ``salient_cols: [out, k]`` (16-bit values of the delta),
     ``col_scale: [in - k] | None`` (sign2d: ``level = (2c - 1) * scale[o] * col_scale[i]``).
+    ``salient_cols`` may be None when ``k = 0``; :meth:`columns` gives ``[out, k]`` either way.
     ``scale``, ``zero`` and ``col_scale`` may require grad: :meth:`dequantize` is differentiable in them.
     """
 
@@ -92,16 +103,13 @@ class QuantizedDelta:
             raise DeltaFormatError(
                 f"salient_idx must be int64 [k], got {self.salient_idx.dtype} {list(self.salient_idx.shape)}")
         out, rest, k = self.codes.shape[0], self.codes.shape[1], self.salient_idx.shape[0]
-        if self.salient_cols is None:
-            if k:
-                raise DeltaFormatError(f"{k} salient columns named but no salient_cols given")
-            object.__setattr__(self, "salient_cols", torch.zeros(out, 0, dtype=torch.float16,
-                                                                  device=self.codes.device))
+        if self.salient_cols is None and k:
+            raise DeltaFormatError(f"{k} salient columns named but no salient_cols given")
         try:
             check_grid(self.scale, self.zero, out)
         except ValueError as exc:
             raise DeltaFormatError(f"{self.method} delta {list(self.shape)}: {exc}") from exc
-        expect = {"salient_cols": (out, k)}
+        expect = {"salient_cols": (out, k)} if self.salient_cols is not None else {}
         if self.col_scale is not None:
             expect["col_scale"] = (rest,)
         for name, want in expect.items():
@@ -114,6 +122,12 @@ class QuantizedDelta:
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of the whole delta."""
         return (self.codes.shape[0], self.codes.shape[1] + self.salient_idx.shape[0])
+
+    def columns(self) -> Tensor:
+        """``salient_cols``, or an empty ``[out, 0]`` when there are none."""
+        if self.salient_cols is not None:
+            return self.salient_cols
+        return torch.zeros(self.codes.shape[0], 0, dtype=torch.float16, device=self.codes.device)
 
     @property
     def k(self) -> int:
@@ -208,7 +222,7 @@ class LowRankDelta:
         if self.b.shape[1] != self.a.shape[0] or self.a.shape[0] == 0:
             raise DeltaFormatError(f"lora delta: a is {list(self.a.shape)} and b {list(self.b.shape)}; expected "
                                    "a: [r, in], b: [out, r] with the same r > 0")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+        if not is_finite_number(self.scale):
             raise DeltaFormatError(f"lora delta {list(self.shape)}: scale must be a finite number, got {self.scale!r}")
 
     @property
@@ -309,9 +323,9 @@ def _decode_low_rank(fields: Mapping[str, Tensor], meta: Mapping[str, Any], shap
     if missing := [f for f in ("lora_a", "lora_b") if f not in fields]:
         raise DeltaFormatError(f"lora delta {shape} lacks stored field(s) {missing}; has {sorted(fields)}")
     rank, scale = meta.get("rank"), meta.get("scale")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    if not is_positive_int(rank):
         raise DeltaFormatError(f"lora delta {shape}: meta needs a positive integer rank, got {rank!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise DeltaFormatError(f"lora delta {shape}: meta needs a finite number scale, got {scale!r}")
     out, n = shape
     a, b = fields["lora_a"], fields["lora_b"]

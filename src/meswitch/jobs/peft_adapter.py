@@ -98,6 +98,7 @@ def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def read_config(path: Path) -> LoraConfig:
     """Read and check ``path`` (an ``adapter_config.json``): :class:`AdapterError` for what meswitch cannot serve."""
+    from meswitch.deltas.records import is_finite_number, is_positive_int
 
     def bad(msg: str) -> AdapterError:
         return AdapterError(f"{path}: {msg}")
@@ -123,9 +124,9 @@ def read_config(path: Path) -> LoraConfig:
         if raw.get(key):
             raise bad(f"{key} is set: {why}; meswitch stores scale * B @ A deltas of linear layers only")
     r, alpha = raw.get("r"), raw.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    if not is_positive_int(r):
         raise bad(f"r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if not is_finite_number(alpha):
         raise bad(f"lora_alpha must be a finite number, got {alpha!r}")
     patterns = {}
     for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):

@@ -70,8 +70,6 @@ def backend_class(name: str) -> type[DeltaBackend]:
 def create(name: str, device: torch.device | str = "cpu", **options: object) -> DeltaBackend:
     """Backend ``name`` on ``device``; raises RuntimeError when it cannot run here (no kernel, no GPU)."""
     device = torch.device(device)
-    if name == "int4" and device.type != "cpu":
-        raise RuntimeError("the int4 backend runs on CPUs only")
     if name == "lowbit":
         if device.type != "cpu":
             raise RuntimeError("the lowbit backend runs on CPUs only")
@@ -84,6 +82,8 @@ def create(name: str, device: torch.device | str = "cpu", **options: object) -> 
     if name == "int4":
         from meswitch.engine.kernels import int4
 
+        if device.type != "cpu":
+            raise RuntimeError("the int4 backend runs on CPUs only")
         if not int4.available():
             raise RuntimeError("this PyTorch has no int4 weight-only CPU kernel")
     if name == "triton" and device.type != "cuda":

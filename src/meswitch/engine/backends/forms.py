@@ -13,7 +13,7 @@ changes once built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -92,7 +92,7 @@ class PackedForm:
         """The form of record ``d`` on ``device`` (``float_codes``: also keep the codes unpacked as float32)."""
         f32 = (lambda t: None if t is None else t.to(device, torch.float32))  # noqa: E731
         return cls(pack(d.codes, d.bits).to(device), f32(d.scale), f32(d.zero), f32(d.col_scale),
-                   d.salient_idx.to(device), f32(d.salient_cols), d.rest_idx.to(device), d.bits, d.shape, d.method,
+                   d.salient_idx.to(device), f32(d.columns()), d.rest_idx.to(device), d.bits, d.shape, d.method,
                    d.codes.to(device, torch.float32) if float_codes else None)
 
     @property
@@ -141,38 +141,33 @@ class PackedForm:
 
 @dataclass(frozen=True, eq=False)
 class LowRankForm:
-    """A LoRA delta as its factors, float32 on the backend's device: ``a: [r, in]``, ``b: [out, r]``, and
-    ``scale``; ``delta = scale * b @ a``, never built by :meth:`matmul` (shrink to ``r``, then expand)::
+    """A LoRA delta as its record with float32 factors on the backend's device (``a: [r, in]``,
+    ``b: [out, r]``, ``delta = scale * b @ a``), never built by :meth:`matmul` (shrink to ``r``, then expand)::
 
         x @ delta^T = ((x @ a^T) * scale) @ b^T        # x: [n, in] -> [n, r] -> [n, out]
     """
 
-    a: Tensor
-    b: Tensor
-    scale: float
+    delta: LowRankDelta
 
     @classmethod
     def of(cls, d: LowRankDelta, device: torch.device) -> LowRankForm:
         """The form of record ``d`` on ``device`` (its 16-bit factors widened to float32, exactly)."""
-        return cls(d.a.to(device, torch.float32), d.b.to(device, torch.float32), float(d.scale))
+        return cls(replace(d, a=d.a.to(device, torch.float32), b=d.b.to(device, torch.float32)))
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.b.shape[0], self.a.shape[1])
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
+        return self.delta.shape
 
     def matmul(self, x: Tensor) -> Tensor:
         """``x: [n, in]`` -> ``x @ delta^T: float32 [n, out]`` through the rank-``r`` bottleneck (class docstring)."""
-        if x.dim() != 2 or x.shape[1] != self.shape[1]:
-            raise ValueError(f"x must be [n, in={self.shape[1]}], got shape {tuple(x.shape)}")
-        return (x.float() @ self.a.T).mul_(self.scale) @ self.b.T
+        d = self.delta
+        if x.dim() != 2 or x.shape[1] != d.shape[1]:
+            raise ValueError(f"x must be [n, in={d.shape[1]}], got shape {tuple(x.shape)}")
+        return (x.float() @ d.a.T).mul_(d.scale) @ d.b.T
 
     def dequantize(self) -> Tensor:
-        """``scale * b @ a``: float32 ``[out, in]``, equal to :meth:`LowRankDelta.dequantize` of its record."""
-        return (self.b @ self.a) * self.scale
+        """``scale * b @ a``: float32 ``[out, in]``, the record's own."""
+        return self.delta.dequantize()
 
     def nbytes(self) -> int:
-        return nbytes(self.a, self.b)
+        return nbytes(self.delta.a, self.delta.b)

@@ -93,10 +93,16 @@ class LowbitBackend(Int4Backend):
             return int4_form(delta, self.device)
         f32 = (lambda t: None if t is None else t.float())  # noqa: E731
         return LowbitForm(kernel, f32(delta.scale), f32(delta.zero), delta.bits, delta.salient_idx,
-                          f32(delta.salient_cols), rest, delta.method)
+                          f32(delta.columns()), rest, delta.method)
 
     def add(self, x: Tensor, y: Tensor, work: Sequence[Work], state: dict[str, Any]) -> None:
-        low = [(f.kernel, s, t, c) for f, s, t, c in work if isinstance(f, LowbitForm) and f.whole]
+        low, rest = [], []
+        for item in work:
+            form, s, t, c = item
+            if isinstance(form, LowbitForm) and form.whole:
+                low.append((form.kernel, s, t, c))
+            else:
+                rest.append(item)
         if low:
             if y.dtype == torch.float32 and y.stride(1) == 1:
                 lowbit_cpu.sgmv(x, y, low, self.isa)
@@ -104,5 +110,4 @@ class LowbitBackend(Int4Backend):
                 acc = torch.zeros(y.shape, dtype=torch.float32)
                 lowbit_cpu.sgmv(x, acc, low, self.isa)
                 y.add_(acc.to(y.dtype))
-        rest = [item for item in work if not (isinstance(item[0], LowbitForm) and item[0].whole)]
         super().add(x, y, rest, state)
