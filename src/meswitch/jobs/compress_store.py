@@ -49,16 +49,21 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
     calib: one calibration set for every expert, or ``{name: examples}`` (e.g. each expert's own
     domain text, as ``meswitch compress --zoo`` does). Returns ``{name: info}`` as stored.
 
+    Every checkpoint's files are checked before anything is loaded (:mod:`meswitch.model.layout`:
+    shards present and whole; an expert of another architecture, vocabulary, tying or shapes is
+    refused naming the tensor and file); weights may be fp32, fp16 or bf16, one file or sharded.
     A directory with ``adapter_config.json`` is a PEFT LoRA adapter (:mod:`meswitch.jobs.peft_adapter`):
     its factors are stored as they are (16 bit, no calibration; ``info["adapter_path"]``). Every
     adapter is read and checked against the base before the store is created or written to.
     """
     from meswitch.jobs.peft_adapter import is_adapter, read_adapter
-    from meswitch.model.checkpoint import load_checkpoint
+    from meswitch.model.checkpoint import load_checkpoint, load_model
+    from meswitch.model.layout import check_expert_layout, read_layout
     from meswitch.store import DeltaStore, base_info, fingerprint_model
     from meswitch.store.manifest import check_name
 
     adapter_dirs = {name: Path(d) for name, d in experts.items() if is_adapter(Path(d))}
+    base_layout = read_layout(Path(base_dir))
     for name, exp_dir in experts.items():
         check_name(name)  # fail before minutes of work, not after
         if name in adapter_dirs:
@@ -66,6 +71,7 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
         if not (Path(exp_dir) / "config.json").is_file():
             raise MeswitchError(f"expert {name!r}: {exp_dir} has no config.json (a Hugging Face checkpoint) and no "
                                 "adapter_config.json (a PEFT LoRA adapter)")
+        check_expert_layout(base_layout, read_layout(Path(exp_dir)), name)
         if calib is None or (isinstance(calib, Mapping) and name not in calib):
             raise MeswitchError(f"no calibration text for expert {name!r}")
     base, tok = load_checkpoint(base_dir)
@@ -81,7 +87,7 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
             continue
         if base is None:  # compression edits the base in place: a fresh copy per expert
             base, tok = load_checkpoint(base_dir)
-        expert, _ = load_checkpoint(exp_dir)
+        expert = load_model(exp_dir)  # the base's tokenizer is the expert's (same vocabulary, checked)
         layers, meta, info = compress_expert(base, expert, tok, calib[name] if isinstance(calib, Mapping) else calib,
                                              cfg)
         info["reference_path"] = str(Path(exp_dir).resolve())

@@ -133,16 +133,27 @@ def verify_checkpoint(path: Path, meta: dict[str, Any] | None = None, deep: bool
             raise CacheError(f"{f}: checksum mismatch (edited or corrupted)")
 
 
+def load_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a Hugging Face causal LM from ``path`` (fp32 by default), without its tokenizer.
+
+    Its files are checked first (:func:`meswitch.model.layout.read_layout`: config, every shard
+    present and whole); fp16 and bf16 weights are converted to ``dtype`` as they are read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from meswitch.model.layout import read_layout
+
+    read_layout(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype or torch.float32)
+    model.eval()
+    return model
+
+
 def load_checkpoint(
     path: Path, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a verified HF causal-LM checkpoint and its tokenizer from ``path`` (fp32 by default)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """:func:`load_model` and the tokenizer saved beside it."""
+    from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CacheError(f"{path}: no config.json, not a Hugging Face checkpoint")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_model(path, dtype), AutoTokenizer.from_pretrained(Path(path))

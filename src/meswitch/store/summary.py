@@ -11,13 +11,16 @@ from meswitch.store.store import DeltaStore
 def summarize(path: Path) -> dict[str, Any]:
     """``{"experts": {name: {...}}, "footprint": {...}, "base": {...}}`` for the store at ``path``.
 
+    bits_per_param: the decoder's linear layers' bits per weight; bits_per_param_all: the expert's file
+    (embeddings, output projection and norms a fine-tune changed included) over every base parameter;
     bytes: the expert's file on disk (every tensor and the safetensors header);
     ratio_vs_fp16: an fp16 copy of the whole expert against those bytes;
     kind: ``lora`` for a LoRA adapter stored as its factors (with its ``rank``), else ``compressed``.
     """
     store = DeltaStore.open(path)
     # an fp16 expert is as large as the fp16 base: same architecture, tied weights counted once
-    fp16 = 2 * int(store.base.get("num_parameters") or 0)
+    n_params = int(store.base.get("num_parameters") or 0)
+    fp16 = 2 * n_params
     experts: dict[str, Any] = {}
     for name in store.experts:
         entry = store.expert_meta(name)
@@ -29,6 +32,7 @@ def summarize(path: Path) -> dict[str, Any]:
             "method": method,
             "bits": meta.get("config", {}).get("bits"),
             "bits_per_param": meta.get("bits_per_param"),
+            "bits_per_param_all": 8 * file_bytes / n_params if n_params else None,
             "bytes": file_bytes,
             "ratio_vs_fp16": fp16 / file_bytes if file_bytes else None,
             "fidelity": meta.get("fidelity") or meta.get("fidelity_calib", {}),
