@@ -265,3 +265,27 @@ def test_a_bad_expert_leaves_an_existing_store_as_it_was(pair, tmp_path):
         compress_into_store(root / "base", {"other": root / "sharded", "bad": bad}, store, calib(),
                             small_config(method="rtn", bits=4))
     assert {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_a_16_bit_checkpoint_is_mapped_as_float32_file_pages_not_copied_into_memory(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("MESWITCH_CACHE", str(tmp_path / "cache"))
+    cfg = LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "ckpt", max_shard_size="8MB")
+    f32_bytes = 4 * sum(t.numel() for f in shards(tmp_path / "ckpt") for t in load_file(f).values())
+    before = _rss_anon()
+    model = load_model(tmp_path / "ckpt")
+    for p in model.parameters():  # touch every page
+        p.sum()
+    grown = _rss_anon() - before
+    assert grown < 0.25 * f32_bytes, f"anonymous memory grew by {grown / 2**20:.1f} MiB for {f32_bytes / 2**20:.1f}"
+    assert next(model.parameters()).dtype == torch.float32
+    assert not any((tmp_path / "cache" / "tmp").iterdir())  # the float32 copy is unlinked once mapped

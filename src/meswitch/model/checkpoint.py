@@ -137,15 +137,28 @@ def load_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a Hugging Face causal LM from ``path`` (fp32 by default), without its tokenizer.
 
     Its files are checked first (:func:`meswitch.model.layout.read_layout`: config, every shard
-    present and whole); fp16 and bf16 weights are converted to ``dtype`` as they are read.
+    present and whole). Float32 weights are memory-mapped from their safetensors files (file pages,
+    not the process's own memory); fp16 and bf16 checkpoints loaded as float32 are first streamed,
+    tensor by tensor, into a float32 file under the cache (:mod:`meswitch.model.convert`), mapped the
+    same way and unlinked at once (its pages live as long as the model).
     """
+    import tempfile
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    from meswitch.model.convert import needs_float32_copy, write_float32_copy
     from meswitch.model.layout import read_layout
+    from meswitch.paths import cache_root
 
-    read_layout(Path(path))
-    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype or torch.float32)
+    dtype = dtype or torch.float32
+    layout = read_layout(Path(path))
+    if dtype != torch.float32 or not needs_float32_copy(layout):
+        model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype)
+    else:
+        (cache_root() / "tmp").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="float32-", dir=cache_root() / "tmp") as tmp:
+            model = AutoModelForCausalLM.from_pretrained(write_float32_copy(layout, Path(tmp)), dtype=dtype)
     model.eval()
     return model
 
