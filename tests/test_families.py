@@ -114,6 +114,32 @@ def test_quantized_deltas_match_transformers_with_the_applied_deltas(fam):
         torch.testing.assert_close(got[name], want, atol=1e-4, rtol=0, msg=f"{fam.name}, expert {name}")
 
 
+def test_greedy_decoding_equals_transformers_generate_with_the_dequantized_weights(fam):
+    """Greedy tokens of quantized experts and the base, decoded together in one engine batch, equal
+    transformers' ``generate`` on the base with each expert's stored deltas applied."""
+    store = make_store(fam.root / "greedy", fam.base, fam.experts, method="salient", bits=2, k=8)
+    prompts = {"a": "def add(a, b):", "base": "The weather", "b": "What is 7 times 6?"}
+    steps = 2 * LENGTH  # past every window
+    reqs = [Request(prompt=p, expert=None if e == "base" else e,
+                    params=SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
+            for e, p in prompts.items()]
+    got = _engine(store, fam.base).generate(reqs)
+    for (name, prompt), completion in zip(prompts.items(), got, strict=True):
+        model = copy.deepcopy(fam.base)
+        if name != "base":
+            layers, entry = store.load_expert(name)
+            apply_delta(model, layers, entry["layers"])
+        ids = torch.tensor([list(prompt.encode())])
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                                  pad_token_id=0)[0, ids.shape[1]:].tolist()
+        eos = model.config.eos_token_id
+        if eos in want:  # transformers stops there; the engine ignores EOS (and must agree up to it)
+            want = want[: want.index(eos) + 1]
+        assert completion.token_ids[: len(want)] == want, f"{fam.name}, {name}"
+        assert len(want) >= 8, "too few tokens compared"
+
+
 def test_compress_model_encodes_every_linear_and_the_engine_serves_the_result(fam):
     rng = random.Random(0)
     words = ["alpha", "beta", "gamma", "delta", "sum", "of", "the", "code", "x", "=", "1", "2", "+"]
