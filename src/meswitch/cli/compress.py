@@ -36,9 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a fine-tuned checkpoint, or a PEFT LoRA adapter directory (adapter_config.json + "
                    "adapter_model.safetensors: stored as its 16-bit factors, no calibration)")
     p.add_argument("--out", type=Path, required=True, help="store directory (created, or added to)")
-    p.add_argument("--method", choices=["salient", "gptq", "gptq-mixed", "mixed", "sign2d", "rtn", "bitdelta"],
+    p.add_argument("--method", choices=["salient", "gptq", "gptq-mixed", "mixed", "sign2d", "rtn", "bitdelta",
+                                        "lowrank"],
                    default=d.method, help="gptq: rtn's grid, codes chosen with error feedback; the mixed "
-                   "methods spend --target-bits over the matrices (default %(default)s)")
+                   "methods spend --target-bits over the matrices; lowrank: each matrix's truncated SVD in "
+                   "16-bit factors, at --rank or sized by --target-bits (default %(default)s)")
+    p.add_argument("--rank", type=int, default=d.rank,
+                   help="lowrank only: the rank of every matrix (default: the largest rank per matrix within "
+                   "--target-bits, 1.5 unless given)")
     p.add_argument("--bits", type=int, choices=[1, 2, 3, 4], default=d.bits)
     p.add_argument("--salient", type=_salient_arg, default=d.salient,
                    help="salient columns per matrix: a count K or a fraction (default: fit --target-bits)")
@@ -116,10 +121,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     # process instead of fragmenting its heap (docs/compression.md: -65 MB at a distillation step's peak)
     map_large_allocations(256 << 10)
     base, experts, calib = _resolve_inputs(args)
+    bits = {"bitdelta": 1, "lowrank": 16}.get(args.method, args.bits)  # lowrank: its factors' width
     cfg = CompressConfig(
-        method=args.method, bits=1 if args.method == "bitdelta" else args.bits, salient=args.salient,
-        target_bits=args.target_bits, symmetric=not args.asymmetric, clip_ratio=args.clip_ratio,
-        distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+        method=args.method, bits=bits, salient=args.salient, target_bits=args.target_bits,
+        symmetric=not args.asymmetric, clip_ratio=args.clip_ratio, distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr, rank=args.rank,
     )
     examples = ({n: read_jsonl(p) for n, p in calib.items()} if isinstance(calib, dict)
                 else None if calib is None else read_jsonl(calib))
@@ -146,9 +152,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name, e in summary["experts"].items():
         f = e.get("fidelity", {})
         method = f"lora r={e['rank']}" if e.get("kind") == "lora" else e["method"]
-        rows.append([name, method, e["bits"], e["bits_per_param"], f"{e['bytes'] / 2**20:.2f} MiB",
+        every = e.get("bits_per_param_all")
+        rows.append([name, method, e["bits"], e["bits_per_param"], "-" if every is None else round(every, 3),
+                     f"{e['bytes'] / 2**20:.2f} MiB",
                      f"{e['ratio_vs_fp16']:.1f}x", f.get("kl", "-"), f.get("top1", "-"), f.get("ppl_ratio", "-")])
-    print_table(f"store {args.store}", ["expert", "method", "bits", "bits/param", "bytes", "vs fp16",
+    print_table(f"store {args.store}", ["expert", "method", "bits", "bits/param", "all bits/param", "bytes", "vs fp16",
                                         "KL", "top-1", "ppl ratio"], rows)
     fp = summary["footprint"]
     print(f"footprint: base + {fp['experts']} compressed experts = {fp['store_bytes'] / 2**20:.1f} MiB "

@@ -241,6 +241,9 @@ def compress_model(base: torch.nn.Module, expert: torch.nn.Module, tok: Any, cal
         for name in tqdm(names, desc="encode", unit="layer", dynamic_ncols=True):
             w = f"{name}.weight"
             delta = e_state[w] - b_state[w]  # one layer at a time: the dense delta is freed after encoding
+            if cfg.method == "lowrank":  # truncated SVD: no calibration statistics (codec.lowrank_delta)
+                layers[name], meta[name] = encode_delta(delta, "lowrank", cfg.layer_rank(*delta.shape, layer=name))
+                continue
             k = salient_k(cfg, *delta.shape)
             layers[name], meta[name] = encode_delta(delta, cfg.method, cfg.bits, k, act_sq.get(name),
                                                     cfg.symmetric, cfg.clip, hessians.fit.get(name))
