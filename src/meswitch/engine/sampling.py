@@ -15,6 +15,7 @@ from torch import Tensor
 from meswitch.engine.errors import InvalidRequestError
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20  # alternatives per token the engine reports at most (vLLM's default ``max_logprobs``)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,12 @@ class SamplingParams:
     ``temperature == 0`` (or below ``GREEDY_BELOW``) is greedy decoding; ``top_p`` keeps the smallest set of tokens whose
     probability reaches it; ``stop`` strings end generation and are not returned; ``seed`` makes
     sampling reproducible for this request alone, whatever else shares its batch.
+
+    ``logprobs``: report each generated token's log-probability and the ``logprobs`` most likely
+    alternatives (None: none, 0: the chosen token's only); ``prompt_logprobs``: the same for every
+    prompt token (the first has none). Both are the model's own distribution, ``log_softmax(logits)``,
+    before temperature and ``top_p`` (as vLLM's default). ``max_tokens`` may be 0 only with
+    ``prompt_logprobs``: the prompt is scored and nothing is generated.
     """
 
     max_tokens: int = 16
@@ -32,12 +39,19 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise InvalidRequestError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {v!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            raise InvalidRequestError(f"max_tokens must be an int >= {least}, got {self.max_tokens!r}")
         if not _finite(self.temperature) or self.temperature < 0:
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
@@ -91,3 +105,16 @@ def sample(
         probs = torch.softmax(row, -1)
         out[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).to(out.device)[0]
     return out
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The model's log-probabilities of ``chosen`` tokens and the ``k`` most likely ones.
+
+    ``logits: [R, V]``, ``chosen: int64 [R]`` -> ``(chosen_lp: float32 [R], top_ids: int64 [R, k],
+    top_lp: float32 [R, k])``, all from ``log_softmax(logits)`` in float32 (no temperature, no top_p):
+    a chosen token that is also a top one has bit-identical values in both.
+    """
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen_lp = lp.gather(1, chosen.view(-1, 1).to(lp.device))[:, 0]
+    top_lp, top_ids = lp.topk(k, -1) if k > 0 else (lp[:, :0], chosen.new_zeros(len(chosen), 0))
+    return chosen_lp, top_ids, top_lp

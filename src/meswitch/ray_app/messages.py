@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meswitch.engine import errors as E
+from meswitch.engine.request import InvalidPromptError
 
 # Every error a replica may refuse a request with, by class name; others become RuntimeError.
 _KNOWN: dict[str, type[Exception]] = {c.__name__: c for c in (
     E.InvalidRequestError, E.ContextLengthError, E.PromptTooLongError, E.UnknownModelError,
-    E.EngineOverloadedError, E.BudgetError, E.UnsupportedModelError, E.EngineError, E.EngineStoppedError)}
+    E.EngineOverloadedError, E.BudgetError, E.UnsupportedModelError, E.EngineError, E.EngineStoppedError,
+    InvalidPromptError)}
 
 
 @dataclass(frozen=True)

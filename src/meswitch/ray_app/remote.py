@@ -71,13 +71,13 @@ class RemoteEngine:
             RequestHandle, Future[Admitted]]:
         """As :meth:`BackgroundEngine.submit_nowait`, from a running event loop (``loop``).
 
-        ``request.expert`` must be one of the experts: a replica is chosen by it.
+        ``request.expert`` must be one of the experts (a replica is chosen by it) or None (the base, any replica).
         """
         if loop is None:
             raise TypeError("RemoteEngine.submit_nowait needs the event loop the handle will be iterated on")
         if self._stopping:
             raise EngineStoppedError("the ingress is shutting down")
-        if request.expert not in self._experts:
+        if request.expert is not None and request.expert not in self._experts:
             raise UnknownModelError(str(request.expert), self._experts, also=())
         if self.max_pending is not None and self._pending >= self.max_pending:
             raise EngineOverloadedError(f"{self._pending} requests in flight (max {self.max_pending})")
@@ -103,7 +103,8 @@ class RemoteEngine:
         stream = None
         ended = False  # the replica sent the completion (or refused): nothing left to cancel there
         try:
-            stream = self.replicas.options(stream=True, multiplexed_model_id=request.expert).generate.remote(request)
+            options = {"multiplexed_model_id": request.expert} if request.expert is not None else {}
+            stream = self.replicas.options(stream=True, **options).generate.remote(request)
             async for msg in stream:
                 if isinstance(msg, RemoteError):
                     ended = True

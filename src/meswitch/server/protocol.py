@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP = 4  # stop sequences per request, as OpenAI
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_LOGPROBS = 20  # /v1/completions ``logprobs`` (OpenAI allows 5, vLLM 20 by default)
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions ``top_logprobs``, as OpenAI
 
 
 class _Req(BaseModel):
@@ -46,7 +48,7 @@ class _Sampling(_Req):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    n: int = Field(default=1, ge=1, description="choices per prompt, up to the server's max_n")
     stop: Stop = None
     seed: int | None = None
     stream: bool = False
@@ -58,11 +60,21 @@ class _Sampling(_Req):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = Field(default=False, description="each output token's log-probability (the model's, before "
+                                                      "temperature and top_p)")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="alternatives per output token; needs logprobs")
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-    echo: bool = Field(default=False, description="only false is served")
+    prompt: Prompt = Field(description="a string, strings, token ids, or lists of token ids: one choice each (times n)")
+    max_tokens: int | None = Field(default=None, ge=0, description="0: with echo, score the prompt only")
+    echo: bool = Field(default=False, description="return the prompt before the completion")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="log-probabilities of each token and of the most likely alternatives")
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -88,11 +100,36 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChatLogprobs(BaseModel):
+    """OpenAI's chat shape: one entry per output token."""
+
+    content: list[TokenLogprobOut] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists over the tokens (the prompt's first when echoed, then the output's)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 def _id(prefix: str) -> str:
@@ -117,7 +154,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -139,7 +176,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

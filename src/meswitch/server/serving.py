@@ -10,8 +10,9 @@ engine's next step.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -29,40 +30,33 @@ from meswitch.engine.errors import (
 from meswitch.engine.request import Completion, Request, StreamEvent
 from meswitch.engine.sampling import SamplingParams
 from meswitch.front.errors import RoutingUnavailableError
-from meswitch.front.routing import Front
+from meswitch.front.routing import AUTO, Front
 from meswitch.server import protocol as P
+from meswitch.server.choices import choice_seed, completion_output, route_info, usage
+from meswitch.server.choices import prompts as prompts_of
 from meswitch.server.config import ServerConfig
+from meswitch.server.errors import APIError
+from meswitch.server.logprobs import chat_logprobs
 from meswitch.server.metrics import ServerMetrics
+from meswitch.server.streams import StreamingMixin
 
 EXPERT_HEADER = "x-meswitch-expert"
 GREEDY_BELOW = 1e-5
 
 
-class APIError(Exception):
-    """An error with its HTTP status and OpenAI ``type``/``code``/``param``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(P.error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
-
-
-def engine_error(exc: Exception) -> APIError:
-    """The OpenAI error for an exception raised while submitting a request."""
+def engine_error(exc: Exception, prompt_param: str = "messages") -> APIError:
+    """The OpenAI error for an exception raised while submitting a request (``prompt_param``: the field that
+    holds the prompt, ``messages`` or ``prompt``)."""
     msg = str(exc)
     if isinstance(exc, UnknownModelError):
         return APIError(404, msg, "not_found_error", "model", "model_not_found")
     if isinstance(exc, RoutingUnavailableError):
         return APIError(400, msg, "invalid_request_error", "model", "routing_unavailable")
     if isinstance(exc, ContextLengthError):
-        return APIError(400, msg, "invalid_request_error", "messages", "context_length_exceeded")
+        return APIError(400, msg, "invalid_request_error", prompt_param, "context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, msg, "invalid_request_error", None, "invalid_value")
+        param = prompt_param if getattr(exc, "param", None) == "prompt" else None
+        return APIError(400, msg, "invalid_request_error", param, "invalid_value")
     if isinstance(exc, EngineOverloadedError):
         return APIError(429, f"the server is overloaded: {msg}; retry later", "rate_limit_error", None,
                         "overloaded", {"retry-after": "1"})
@@ -71,25 +65,7 @@ def engine_error(exc: Exception) -> APIError:
     return APIError(500, f"{type(exc).__name__}: {msg}", "server_error", None, "internal_error")
 
 
-def route_info(handle: RequestHandle, completion: Completion | None = None) -> P.RouteInfo:
-    route = (completion.route if completion else None) or handle.route
-    expert = completion.expert if completion else handle.expert
-    if route is None:
-        return P.RouteInfo(expert=expert)
-    return P.RouteInfo(expert=expert, domain=route.domain, confidence=route.confidence, fallback=route.fallback)
-
-
-def _usage(c: Completion) -> P.UsageInfo:
-    return P.UsageInfo(prompt_tokens=c.usage.prompt_tokens, completion_tokens=c.usage.completion_tokens,
-                       total_tokens=c.usage.total_tokens)
-
-
-def _sse(obj: BaseModel | dict[str, Any]) -> str:
-    data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
-    return f"data: {data}\n\n"
-
-
-class OpenAIServing:
+class OpenAIServing(StreamingMixin):
     """Serve ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` over ``engine``.
 
     ``front`` resolves each request's ``model`` (its router, if any, serves ``"auto"``) before
@@ -107,11 +83,19 @@ class OpenAIServing:
     def routed(self) -> bool:
         return self.front.routed
 
-    def models(self) -> P.ModelList:
-        """Every expert, and ``auto`` when the front has a router to choose one."""
-        return P.ModelList(data=[P.ModelCard(id=n) for n in self.front.models()])
+    @property
+    def base_id(self) -> str | None:
+        """The model id that serves the base alone (None: not served; an expert of that name wins)."""
+        b = self.config.base_model_id
+        return b if b is not None and b not in self.front.experts else None
 
-    def _params(self, body: P._Sampling, max_tokens: int | None, default: int) -> SamplingParams:
+    def models(self) -> P.ModelList:
+        """Every expert, ``auto`` when the front has a router to choose one, then the base when served."""
+        names = self.front.models() + ([self.base_id] if self.base_id else [])
+        return P.ModelList(data=[P.ModelCard(id=n) for n in names])
+
+    def _params(self, body: P._Sampling, max_tokens: int | None, default: int, logprobs: int | None = None,
+                prompt_logprobs: int | None = None) -> SamplingParams:
         n = max_tokens if max_tokens is not None else min(default, self.config.max_tokens)
         if n > self.config.max_tokens:
             raise APIError(400, f"max_tokens is {n}; this server allows at most {self.config.max_tokens}",
@@ -126,31 +110,63 @@ class OpenAIServing:
             # token; any top_p this small keeps just the most likely token anyway.
             top_p = max(body.top_p, GREEDY_BELOW)
             return SamplingParams(max_tokens=n, temperature=temperature, top_p=top_p, stop=tuple(stop),
-                                  seed=body.seed, ignore_eos=body.ignore_eos)
+                                  seed=body.seed, ignore_eos=body.ignore_eos, logprobs=logprobs,
+                                  prompt_logprobs=prompt_logprobs)
         except InvalidRequestError as e:
             raise APIError(400, str(e), code="invalid_value") from e
 
-    async def _submit(self, request: Request, http: HTTPRequest) -> tuple[RequestHandle, asyncio.Task[None]]:
-        """Resolve the expert with the front, submit and await admission.
+    def _expert(self, body: P._Sampling) -> str | None:
+        """The expert a request names for the front: ``model``, or None for the base's id."""
+        return None if body.model == self.base_id else body.model
 
-        The returned task cancels the request if the client disconnects. It starts before admission:
-        a client that leaves while its request is still in the inbox must not leave it to run.
+    def _check_n(self, body: P._Sampling, prompts: int) -> None:
+        if body.n > self.config.max_n:
+            raise APIError(400, f"n is {body.n}; this server allows at most {self.config.max_n}", param="n",
+                           code="invalid_value")
+        if prompts * body.n > self.config.max_pending:
+            raise APIError(400, f"{prompts} prompts times n={body.n} is {prompts * body.n} choices; this server "
+                           f"allows at most {self.config.max_pending} per request",
+                           param="prompt" if prompts > 1 else "n", code="invalid_value")
+
+    async def _submit(self, requests: Sequence[Request], n: int, http: HTTPRequest,
+                      prompt_param: str) -> tuple[list[RequestHandle], asyncio.Task[None]]:
+        """Resolve each request's expert with the front, submit it ``n`` times (choice seeds differ) and await
+        admission; handles in choice order (prompt-major).
+
+        The returned task cancels every request if the client disconnects. It starts before admission:
+        a client that leaves while its requests are still in the inbox must not leave them to run. One
+        refused request refuses them all.
         """
+        handles: list[RequestHandle] = []
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, handles))
         try:
-            request = await self.front.resolve_async(request)
+            for request in requests:
+                try:
+                    resolved = await self.front.resolve_async(request)
+                except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
+                    raise engine_error(exc, prompt_param) from exc
+                for j in range(n):
+                    one = resolved if j == 0 else dataclasses.replace(
+                        resolved, request_id=uuid.uuid4().hex,
+                        params=dataclasses.replace(resolved.params, seed=choice_seed(resolved.params.seed, j)))
+                    await self._admit(one, handles, prompt_param)
+        except BaseException:
+            watcher.cancel()
+            for h in handles:
+                h.cancel()
+            raise
+        return handles, watcher
+
+    async def _admit(self, request: Request, handles: list[RequestHandle], prompt_param: str) -> None:
+        try:
             handle, admitted = self.engine.submit_nowait(request, asyncio.get_running_loop())
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error
-            raise engine_error(exc) from exc
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, handle))
+            raise engine_error(exc, prompt_param) from exc
+        handles.append(handle)
         try:
             await asyncio.wrap_future(admitted)
-        except BaseException as exc:
-            watcher.cancel()
-            handle.cancel()
-            if isinstance(exc, Exception):
-                raise engine_error(exc) from exc
-            raise
-        return handle, watcher
+        except Exception as exc:  # noqa: BLE001
+            raise engine_error(exc, prompt_param) from exc
 
     # ---- endpoints -----------------------------------------------------------------------------
 
@@ -159,29 +175,50 @@ class OpenAIServing:
                     for m in body.messages]
         if not any(m["content"] for m in messages):
             raise APIError(400, "every message is empty", param="messages", code="invalid_value")
-        params = self._params(body, body.max_completion_tokens or body.max_tokens, self.config.default_max_tokens)
-        handle, watcher = await self._submit(Request(messages=messages, expert=body.model, params=params), http)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        self._check_n(body, 1)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._params(body, body.max_completion_tokens or body.max_tokens, self.config.default_max_tokens,
+                              logprobs)
+        request = Request(messages=messages, expert=self._expert(body), params=params)
+        handles, watcher = await self._submit([request], body.n, http, "messages")
         if body.stream:
-            return self._streaming(handle, watcher, self._chat_chunks(handle, body))
-        c = await self._wait(handle, watcher, "chat")
-        return self._json(handle, P.ChatCompletionResponse(
-            model=body.model, usage=_usage(c), meswitch=route_info(handle, c),
-            choices=[P.ChatChoice(message=P.ChatMessageOut(content=c.text), finish_reason=c.finish_reason)]))
+            return self._streaming(handles, watcher, self._chat_chunks(handles, body))
+        cs = await self._wait(handles, watcher, "chat")
+        choices = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+                                logprobs=chat_logprobs(c.logprobs or []) if body.logprobs else None)
+                   for i, c in enumerate(cs)]
+        return self._json(handles[0], P.ChatCompletionResponse(
+            model=body.model, usage=usage(cs, body.n), meswitch=route_info(handles[0], cs[0]), choices=choices))
 
     async def completion(self, body: P.CompletionRequest, http: HTTPRequest) -> Any:
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
-        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt must be a non-empty string", param="prompt", code="invalid_value")
-        params = self._params(body, body.max_tokens, P.COMPLETION_MAX_TOKENS)
-        handle, watcher = await self._submit(Request(prompt=prompt, expert=body.model, params=params), http)
+        prompts = prompts_of(body.prompt)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (score the prompt without generating)",
+                           param="max_tokens", code="invalid_value")
+        if body.model == AUTO and any(not isinstance(p, str) for p in prompts):
+            raise APIError(400, "model 'auto' routes on the prompt's text: give the prompt as text, or name an "
+                           "expert", param="prompt", code="invalid_value")
+        self._check_n(body, len(prompts))
+        prompt_logprobs = None
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+            prompt_logprobs = body.logprobs or 0
+        params = self._params(body, body.max_tokens, P.COMPLETION_MAX_TOKENS, body.logprobs, prompt_logprobs)
+        expert = self._expert(body)
+        requests = [Request(prompt=p, expert=expert, params=params, echo=body.echo) if isinstance(p, str) else
+                    Request(prompt_token_ids=p, expert=expert, params=params, echo=body.echo) for p in prompts]
+        handles, watcher = await self._submit(requests, body.n, http, "prompt")
+        starts = [0 if body.echo or not isinstance(p, str) else len(p) for p in prompts for _ in range(body.n)]
         if body.stream:
-            return self._streaming(handle, watcher, self._completion_chunks(handle, body))
-        c = await self._wait(handle, watcher, "completions")
-        return self._json(handle, P.CompletionResponse(
-            model=body.model, usage=_usage(c), meswitch=route_info(handle, c),
-            choices=[P.CompletionChoice(text=c.text, finish_reason=c.finish_reason)]))
+            return self._streaming(handles, watcher, self._completion_chunks(handles, body, starts))
+        cs = await self._wait(handles, watcher, "completions")
+        choices = []
+        for i, c in enumerate(cs):
+            text, lp = completion_output(body, c.text, c.logprobs or [], c.echo, starts[i])
+            choices.append(P.CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, logprobs=lp))
+        return self._json(handles[0], P.CompletionResponse(
+            model=body.model, usage=usage(cs, body.n), meswitch=route_info(handles[0], cs[0]), choices=choices))
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -192,21 +229,24 @@ class OpenAIServing:
     def _json(self, handle: RequestHandle, body: BaseModel) -> JSONResponse:
         return JSONResponse(body.model_dump(), headers=self._headers(handle))
 
-    async def _wait(self, handle: RequestHandle, watcher: asyncio.Task[None], endpoint: str) -> Completion:
-        """The completion (``watcher`` cancels the request if the client disconnects first)."""
+    async def _wait(self, handles: list[RequestHandle], watcher: asyncio.Task[None], endpoint: str) -> list[Completion]:
+        """Every choice's completion (``watcher`` cancels the requests if the client disconnects first)."""
         try:
-            c = await _completion(self.engine.stream(handle))
+            cs = await asyncio.gather(*(_completion(self.engine.stream(h)) for h in handles))
         finally:
             watcher.cancel()
-            handle.cancel()  # no-op once finished; covers this task being cancelled
-        self.metrics.finished(endpoint, c)
-        if c.finish_reason == "error":
-            raise APIError(500, f"generation failed: {c.error}", "server_error", None, "generation_failed")
-        if c.finish_reason == "cancelled":
-            raise APIError(499, "the request was cancelled", "invalid_request_error", None, "cancelled")
-        return c
+            for h in handles:
+                h.cancel()  # no-op once finished; covers this task being cancelled
+        for c in cs:
+            self.metrics.finished(endpoint, c)
+        for c in cs:
+            if c.finish_reason == "error":
+                raise APIError(500, f"generation failed: {c.error}", "server_error", None, "generation_failed")
+            if c.finish_reason == "cancelled":
+                raise APIError(499, "the request was cancelled", "invalid_request_error", None, "cancelled")
+        return cs
 
-    def _streaming(self, handle: RequestHandle, watcher: asyncio.Task[None],
+    def _streaming(self, handles: list[RequestHandle], watcher: asyncio.Task[None],
                    chunks: AsyncIterator[str]) -> StreamingResponse:
         async def guarded() -> AsyncIterator[str]:
             try:
@@ -214,63 +254,11 @@ class OpenAIServing:
                     yield chunk
             finally:  # also when the response task is cancelled because the client left
                 watcher.cancel()
-                handle.cancel()
+                for h in handles:
+                    h.cancel()
 
-        headers = {**self._headers(handle), "cache-control": "no-cache"}
+        headers = {**self._headers(handles[0]), "cache-control": "no-cache"}
         return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)
-
-    async def _chat_chunks(self, handle: RequestHandle, body: P.ChatCompletionRequest) -> AsyncIterator[str]:
-        rid, created = f"chatcmpl-{handle.request_id}", P._now()
-
-        def chunk(delta: P.DeltaMessage, finish: str | None = None, **kw: Any) -> str:
-            return _sse(P.ChatCompletionChunk(id=rid, created=created, model=body.model, **kw,
-                                              choices=[P.ChatChunkChoice(delta=delta, finish_reason=finish)]))
-
-        yield chunk(P.DeltaMessage(role="assistant", content=""), meswitch=route_info(handle))
-        async for ev in self.engine.stream(handle):
-            c = ev.completion
-            if c is None:
-                if ev.text:
-                    yield chunk(P.DeltaMessage(content=ev.text))
-                continue
-            self.metrics.finished("chat", c)
-            if c.finish_reason in ("error", "cancelled"):
-                yield _sse(P.error_body(f"generation {c.finish_reason}: {c.error or ''}".strip(": "), "server_error",
-                                        None, f"generation_{c.finish_reason}"))
-                break
-            if ev.text:
-                yield chunk(P.DeltaMessage(content=ev.text))
-            yield chunk(P.DeltaMessage(), c.finish_reason, meswitch=route_info(handle, c))
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse(P.ChatCompletionChunk(id=rid, created=created, model=body.model, choices=[],
-                                                 usage=_usage(c)))
-        yield "data: [DONE]\n\n"
-
-    async def _completion_chunks(self, handle: RequestHandle, body: P.CompletionRequest) -> AsyncIterator[str]:
-        rid, created = f"cmpl-{handle.request_id}", P._now()
-
-        def chunk(text: str, finish: str | None = None, **kw: Any) -> str:
-            return _sse(P.CompletionChunk(id=rid, created=created, model=body.model, **kw,
-                                          choices=[P.CompletionChoice(text=text, finish_reason=finish)]))
-
-        first = True
-        async for ev in self.engine.stream(handle):
-            c = ev.completion
-            if c is None:
-                if ev.text:
-                    yield chunk(ev.text, meswitch=route_info(handle) if first else None)
-                    first = False
-                continue
-            self.metrics.finished("completions", c)
-            if c.finish_reason in ("error", "cancelled"):
-                yield _sse(P.error_body(f"generation {c.finish_reason}: {c.error or ''}".strip(": "), "server_error",
-                                        None, f"generation_{c.finish_reason}"))
-                break
-            yield chunk(ev.text, c.finish_reason, meswitch=route_info(handle, c))
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse(P.CompletionChunk(id=rid, created=created, model=body.model, choices=[], usage=_usage(c)))
-        yield "data: [DONE]\n\n"
-
 
 async def _completion(events: AsyncIterator[StreamEvent]) -> Completion:
     """The completion that ends a request's events, the others discarded."""
@@ -280,10 +268,12 @@ async def _completion(events: AsyncIterator[StreamEvent]) -> Completion:
     raise EngineStoppedError("the request's events ended without a completion")
 
 
-async def _cancel_on_disconnect(http: HTTPRequest, handle: RequestHandle) -> None:
-    """Wait for the client to go away, then cancel its request (the body has been read already)."""
+async def _cancel_on_disconnect(http: HTTPRequest, handles: list[RequestHandle]) -> None:
+    """Wait for the client to go away, then cancel its requests (the body has been read already; ``handles``
+    may still grow while the requests are submitted)."""
     while True:
         message = await http.receive()
         if message["type"] == "http.disconnect":
-            handle.cancel()
+            for h in handles:
+                h.cancel()
             return
