@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +30,7 @@ from meswitch.engine.errors import (
     PromptTooLongError,
 )
 from meswitch.engine.experts import ExpertPool
+from meswitch.engine.logprobs import TokenPieces, chosen_logprobs, prompt_logprobs
 from meswitch.engine.model import SeqSlice, ServingModel, StepBatch
 from meswitch.engine.request import (
     ROLES,
@@ -41,10 +41,9 @@ from meswitch.engine.request import (
     Route,
     StreamEvent,
     TokenLogprob,
-    TopLogprob,
     Usage,
 )
-from meswitch.engine.sampling import sample, token_logprobs
+from meswitch.engine.sampling import sample
 from meswitch.engine.segments import Segments
 from meswitch.store import DeltaStore
 
@@ -134,7 +133,7 @@ class Engine:
         vocab = tokenizer.get_vocab()
         self._max_token_chars = max((len(t) for t in vocab), default=16) or 16
         self._vocab = min(len(vocab), int(getattr(base.config, "vocab_size", len(vocab)) or len(vocab)))
-        self._pieces: dict[int, tuple[str, bytes]] = {}  # token id -> (text, raw bytes), filled on demand
+        self._pieces = TokenPieces(tokenizer)  # token id -> (text, raw bytes), filled on demand
         self.counters = {"requests": 0, "finished": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0,
                          "steps": 0}
 
@@ -293,42 +292,14 @@ class Engine:
 
     # ---- log-probabilities ---------------------------------------------------------------------
 
-    def _piece(self, tid: int) -> tuple[str, bytes]:
-        """(text, raw bytes) of one token: ``decode([tid])``, and its bytes even when they are part of a character."""
-        hit = self._pieces.get(tid)
-        if hit is None:
-            hit = self._pieces[tid] = _token_piece(self.tokenizer, tid)
-        return hit
-
-    def _token_lp(self, tid: int, lp: float | None, top_ids: list[int], top_lp: list[float]) -> TokenLogprob:
-        tops = tuple(TopLogprob(i, *self._piece(i), v) for i, v in zip(top_ids, top_lp, strict=True))
-        return TokenLogprob(tid, *self._piece(tid), lp, tops)
-
     def _logprobs(self, logits: torch.Tensor, tokens: list[int | None], step: list[_Seq]) -> list[TokenLogprob | None]:
         """Per sequence (``logits: [S, V]``), the chosen token's :class:`TokenLogprob` where its request asks."""
-        want = [i for i, s in enumerate(step) if s.req.params.logprobs is not None and tokens[i] is not None]
-        out: list[TokenLogprob | None] = [None] * len(step)
-        if not want:
-            return out
-        k = max(step[i].req.params.logprobs or 0 for i in want)
-        rows = logits.index_select(0, torch.tensor(want, device=logits.device))
-        chosen = torch.tensor([tokens[i] for i in want], device=logits.device)
-        lp, top_ids, top_lp = (t.tolist() for t in token_logprobs(rows, chosen, k))
-        for j, i in enumerate(want):
-            kk = step[i].req.params.logprobs or 0
-            out[i] = self._token_lp(int(tokens[i]), lp[j], top_ids[j][:kk], top_lp[j][:kk])  # type: ignore[arg-type]
-        return out
+        return chosen_logprobs(self._pieces, logits, tokens, [s.req.params.logprobs for s in step])
 
     def _score_prompt(self, s: _Seq, logits: torch.Tensor) -> Echo:
         """The prompt's tokens with their log-probabilities; ``logits: [P, V]``, row ``j`` predicting token ``j + 1``."""
-        ids = s.prompt_ids
-        k = s.req.params.prompt_logprobs or 0
-        first = TokenLogprob(ids[0], *self._piece(ids[0]), None)
-        if len(ids) == 1:
-            return Echo(self._prompt_text(s), (first,))
-        lp, top_ids, top_lp = (t.tolist() for t in token_logprobs(logits[:-1], torch.tensor(ids[1:]), k))
-        rest = (self._token_lp(t, lp[j], top_ids[j], top_lp[j]) for j, t in enumerate(ids[1:]))
-        return Echo(self._prompt_text(s), (first, *rest))
+        return Echo(self._prompt_text(s), prompt_logprobs(self._pieces, s.prompt_ids, logits,
+                                                          s.req.params.prompt_logprobs or 0))
 
     def _prompt_text(self, s: _Seq) -> str:
         r = s.req
@@ -515,39 +486,6 @@ class _RowsBatch(StepBatch):
 
     def last_segments(self) -> Segments:
         return Segments.from_ids(list(self.out_experts))
-
-
-def _bytes_to_unicode() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: the character that stands for each byte -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-_BYTE_DECODER = _bytes_to_unicode()
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-def _token_piece(tokenizer: Any, tid: int) -> tuple[str, bytes]:
-    """(``decode([tid])``, the token's raw bytes): a token holding part of a UTF-8 character decodes to U+FFFD;
-    its bytes then come from the byte-level BPE alphabet or a SentencePiece ``<0xNN>`` byte token."""
-    text = tokenizer.decode([tid], skip_special_tokens=False)
-    if "\ufffd" not in text:
-        return text, text.encode()
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    piece = convert(tid) if convert is not None else None
-    if isinstance(piece, str):
-        if m := _BYTE_TOKEN.fullmatch(piece):
-            return text, bytes([int(m.group(1), 16)])
-        if piece and all(c in _BYTE_DECODER for c in piece):
-            return text, bytes(_BYTE_DECODER[c] for c in piece)
-    return text, text.encode()
 
 
 def _device_of(model: Any) -> torch.device:
