@@ -306,6 +306,17 @@ def test_cli_flags_build_the_config(saved):
 
     cfg = ray_config(args)
     assert (cfg.replicas, cfg.experts_per_replica, cfg.store) == (3, 2, str(saved))
+    assert cfg.server_config().base_model_id is None  # the base is served only when asked
+
+
+def test_the_base_model_id_flag_reaches_both_servers_configs(saved):
+    from meswitch.cli import build_parser
+    from meswitch.cli.serve import ray_config, server_config
+
+    args = build_parser().parse_args(["serve", str(saved), "--base-model-id", "smollm2-135m"])
+    assert server_config(args).base_model_id == "smollm2-135m"
+    assert ray_config(args).server_config().base_model_id == "smollm2-135m"
+    assert RayAppConfig.from_dict({"store": "/s", "base_model_id": "b"}).server_config().base_model_id == "b"
 
 
 def test_config_from_serve_run_strings():

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="408 if a body takes longer (seconds, default %(default)s)")
     p.add_argument("--max-resident-bytes", type=int, help="memory budget for expert deltas (default: no limit)")
     p.add_argument("--backend", help="delta backend: auto (default: the fastest that runs here), lowbit, int4, pytorch, dense, reference or triton (docs/engine.md)")
+    p.add_argument("--base-model-id", help="also serve the base model alone under this model id (e.g. the base's "
+                   "name; listed by /v1/models; default: not served)")
     p.add_argument("--no-router", action="store_true", help="serve without routing even if the store has a router")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     r = p.add_argument_group("Ray Serve (docs/ray.md)")
@@ -64,7 +66,7 @@ def server_config(args: argparse.Namespace):
 
     return ServerConfig(api_key=api_key_from_env(args.api_key), max_tokens=args.max_tokens,
                         max_pending=args.max_concurrency, max_body_bytes=args.max_body_bytes,
-                        body_timeout_s=args.body_timeout)
+                        body_timeout_s=args.body_timeout, base_model_id=args.base_model_id)
 
 
 def ray_config(args: argparse.Namespace):
@@ -78,7 +80,7 @@ def ray_config(args: argparse.Namespace):
         max_prompt_tokens=args.max_prompt_tokens, max_resident_bytes=args.max_resident_bytes,
         backend=args.backend or RayAppConfig.backend, api_key=args.api_key,
         max_tokens=args.max_tokens, max_pending=args.max_concurrency, max_body_bytes=args.max_body_bytes,
-        body_timeout_s=args.body_timeout)
+        body_timeout_s=args.body_timeout, base_model_id=args.base_model_id)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

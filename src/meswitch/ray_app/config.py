@@ -56,6 +56,7 @@ class RayAppConfig:
     max_pending: int = ServerConfig.max_pending
     max_body_bytes: int = ServerConfig.max_body_bytes
     body_timeout_s: float = ServerConfig.body_timeout_s
+    base_model_id: str | None = ServerConfig.base_model_id
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -95,7 +96,8 @@ class RayAppConfig:
     def server_config(self) -> ServerConfig:
         return ServerConfig(api_key=api_key_from_env(self.api_key), max_tokens=self.max_tokens,
                             default_max_tokens=self.default_max_tokens, max_pending=self.max_pending,
-                            max_body_bytes=self.max_body_bytes, body_timeout_s=self.body_timeout_s)
+                            max_body_bytes=self.max_body_bytes, body_timeout_s=self.body_timeout_s,
+                            base_model_id=self.base_model_id)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
