@@ -5,6 +5,8 @@ Cases (decode tokens/s, prefill excluded, batch sizes 1, 8, 16, every case in th
   (b) one       one expert
   (c) mixed3    the 3 zoo experts, requests round-robin
   (d) mixed16   16 experts (the 3 zoo experts stored under 16 names, each loaded separately)
+  (f) lora16    16 PEFT LoRA experts (rank 16 on q, k, v, o, gate, up, down; random factors of a
+                fine-tune's magnitude, made with peft on the store's base), requests round-robin
   (e) swap      what users do today: one transformers model per expert, loaded from disk whenever
                 a request needs another expert (32 new tokens per request)
 under policies (an EngineConfig ``backend`` and ``max_merged`` each): ``default`` (EngineConfig's on a
@@ -22,7 +24,13 @@ Each tokens/s figure is the median of ``--repeats`` timed runs taken in turn wit
 at the same batch size (base, one, mixed3, mixed16, base, ...), so that drift on a shared machine
 falls on every case alike instead of on whichever ran last.
 
+The store is ``~/.cache/meswitch/stores/full`` (the full zoo's) unless ``--store DIR`` names another;
+the 16-expert copy and the LoRA experts are cached beside it (``stores/bench16``, their adapters in
+``stores/lora16-adapters/<base fingerprint>``) and rebuilt when their source changes. ``--policies`` and ``--cases`` run a
+subset (``base`` always runs: every ratio is to it).
+
     python benchmarks/engine.py [--store DIR] [--steps 16] [--repeats 3] [--threads 2] [--json]
+                                [--policies default,int4] [--cases base,lora16]
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ POLICIES = {  # EngineConfig fields
     "int4": {"max_merged": 3, "backend": "int4"},
     "exact": {"max_merged": 0, "backend": "reference"},
 }
+CASES = ["base", "one", "mixed3", "mixed16", "lora16"]
 MEMORY = {"packed": "reference", "packed+lowbit": "lowbit", "packed+int4": "int4"}  # memory row -> backend
 WARMUP = 20  # decode steps before timing: loads, and merges after EngineConfig.merge_after solo steps
 
@@ -69,6 +78,56 @@ def many_experts_store(src, n: int, root: Path):
         meta = {lay: {k: v for k, v in m.items() if k not in RESERVED_LAYER_KEYS} for lay, m in entry["layers"].items()}
         store.add_expert(name, layers, meta, {**entry["meta"], "source_sha256": entry["sha256"]}, overwrite=True)
     return store, want
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 16, 32
+LORA_SIZE = 0.02  # each adapted layer's delta: about this fraction of its base weight's std per element
+
+
+def random_adapters(base, names: list[str], root: Path) -> dict[str, Path]:
+    """A PEFT LoRA adapter of ``base`` per name, saved under ``root`` by peft (those already there kept):
+    rank :data:`LORA_RANK` on :data:`LORA_TARGETS`, ``lora_A ~ N(0, 1/in)`` and ``lora_B`` scaled so that
+    ``scale * B @ A`` has :data:`LORA_SIZE` of the base weight's std (a trained adapter's order)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {n: root / n for n in names}
+    todo = [n for n, d in dirs.items() if not (d / "adapter_model.safetensors").is_file()]
+    if not todo:
+        return dirs
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                                          target_modules=LORA_TARGETS))
+    scale = LORA_ALPHA / LORA_RANK
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    for i, name in enumerate(names):
+        if name not in todo:
+            continue
+        g = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for m in layers:
+                a, b, w = m.lora_A["default"].weight, m.lora_B["default"].weight, m.base_layer.weight
+                a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
+                b.copy_(torch.randn(b.shape, generator=g) * (LORA_SIZE * float(w.std()) / (scale * LORA_RANK ** 0.5)))
+        model.save_pretrained(dirs[name])
+    return dirs
+
+
+def lora_experts(store, base, n: int, root: Path) -> list[str]:
+    """``n`` random LoRA experts (:func:`random_adapters`, adapters under ``root``) added to ``store`` with
+    ``compress_into_store`` unless it holds them already; returns their names."""
+    from meswitch.compress.config import CompressConfig
+    from meswitch.jobs.compress_store import compress_into_store
+
+    names = [f"lora-{i}" for i in range(n)]
+    dirs = random_adapters(base, names, root)
+    missing = {name: d for name, d in dirs.items() if name not in store.experts
+               or store.expert_meta(name)["meta"].get("adapter_path") != str(d.resolve())}
+    if missing:
+        compress_into_store(Path(store.extra["base_path"]), missing, store.path, None, CompressConfig())
+    return names
 
 
 def decode_rate(engine, experts: list, batch: int, steps: int) -> float:
@@ -169,8 +228,8 @@ def engine_traffic(engine, names: list[str], requests: int, new_tokens: int, tog
     return requests * new_tokens / (time.perf_counter() - t0)
 
 
-def step_cost(case: str, batch: int, policy: dict, backend: str, p_lin: int, p_head: int, delta_bytes: float,
-              n_exp: int) -> tuple[float, float, float]:
+def step_cost(case: str, batch: int, policy: dict, p_lin: int, p_head: int, delta_bytes: float,
+              delta_params: int, n_exp: int) -> tuple[float, float, float]:
     """(weight bytes read, base FLOPs, delta FLOPs) of one decode step with fp32 base weights, from the
     path the engine takes (``backend``: the delta backend that ran).
 
@@ -180,14 +239,16 @@ def step_cost(case: str, batch: int, policy: dict, backend: str, p_lin: int, p_h
     taking 4-bit slots aside; int4: half a byte per weight) over its rows, as a fused kernel would:
     the bound such a kernel could reach, not what unpacking with torch ops costs. Merged weights are
     never read in a mixed batch. The delta FLOPs are counted apart: the delta kernels do them at
-    their own rate (bf16 or int8 arithmetic), not fp32's.
+    their own rate (bf16 or int8 arithmetic), not fp32's. ``delta_bytes``: one expert's resident
+    delta bytes; ``delta_params``: the multiply-adds of its delta per row (``p_lin`` for a full-rank
+    delta, the factors' parameters for a LoRA expert).
     """
     nbytes, flops = 4 * p_head + 4 * p_lin, 2 * (p_head + p_lin) * batch  # the head, and one linear pass
-    if case == "base" or (case == "one" and policy["max_merged"] > 0):
+    solo = case == "one" or (case == "lora16" and batch == 1)
+    if case == "base" or (solo and policy["max_merged"] > 0):
         return nbytes, flops, 0.0
     segs = min(batch, 1 if case == "one" else n_exp)
-    per_delta = 0.5 * p_lin if backend == "int4" else delta_bytes
-    return nbytes + per_delta * segs, flops, 2 * p_lin * batch
+    return nbytes + delta_bytes * segs, flops, 2 * delta_params * batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,8 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case and batch size, taken in turn")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--swap-requests", type=int, default=6)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of " + ",".join(POLICIES))
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    policies = {p: POLICIES[p] for p in args.policies.split(",")}
+    wanted = {"base", *args.cases.split(",")}
+    if unknown := wanted - set(CASES):
+        ap.error(f"unknown cases {sorted(unknown)}; expected some of {CASES}")
 
     import torch
 
@@ -211,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     src = DeltaStore.open(args.store)
     store16, names16 = many_experts_store(src, 16, cache_root() / "stores" / "bench16")
     base, tok = load_checkpoint(Path(src.extra["base_path"]))
+    adapters = cache_root() / "stores" / "lora16-adapters" / src.base["fingerprint"][:12]  # made on this base
+    lora16 = lora_experts(store16, base, 16, adapters) if "lora16" in wanted else []
     p_all = sum(p.numel() for p in base.parameters())
     p_head = base.lm_head.weight.numel()
     p_lin = sum(m.weight.numel() for n, m in base.named_modules()
@@ -218,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     bw, gflops, kernel_rates = machine_limits(base)
     names3 = src.experts
     delta_bytes = sum(src.total_bytes(n) for n in names3) / len(names3)
+    lora_bytes = store16.total_bytes(lora16[0]) if lora16 else 0  # the 16-bit factors (and a small header)
 
     results: dict = {"machine": machine(), "threads": args.threads, "steps": args.steps,
                      "bandwidth_gb_s": bw / 1e9, "gflops": gflops / 1e9,
@@ -225,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
                      "gflops_lowbit": kernel_rates["lowbit"] / 1e9 if "lowbit" in kernel_rates else None,
                      "tokens_per_s": {}, "limits": {}, "backends": {},
                      "repeats": args.repeats, "samples": {}, "memory_bytes": {}, "load_ms": {}}
-    cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16}
-    for policy, kw in POLICIES.items():
+    cases = {"base": [None], "one": names16[:1], "mixed3": names16[:3], "mixed16": names16, "lora16": lora16}
+    cases = {c: e for c, e in cases.items() if c in wanted}
+    for policy, kw in policies.items():
         engine = Engine(store16, base, tok, EngineConfig(max_batch=16, **kw), check_base=False)
         backend = engine.backend_selection.backend.name
         results["backends"][policy] = engine.backend_selection.describe()
         print(f"[{policy}] {results['backends'][policy]}", file=sys.stderr, flush=True)
-        run = {c: e for c, e in cases.items() if not (policy == "exact" and c == "mixed16")}
+        run = {c: e for c, e in cases.items() if not (policy == "exact" and c in ("mixed16", "lora16"))}
         for b in BATCHES:
             for experts in run.values():
                 decode_rate(engine, experts, b, WARMUP)  # loads and merges happen here, not in the timing
@@ -243,8 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                 rate = statistics.median(samples[case])
                 results["tokens_per_s"].setdefault(policy, {}).setdefault(case, {})[str(b)] = rate
                 results["samples"].setdefault(policy, {}).setdefault(case, {})[str(b)] = samples[case]
-                nb, fl, dfl = step_cost(case, b, kw, backend, p_lin, p_head, delta_bytes, len(experts))
-                delta_rate = kernel_rates.get(backend, gflops)
+                if case == "lora16":  # 16-bit factors, multiplied in float32
+                    nb, fl, dfl = step_cost(case, b, kw, p_lin, p_head, lora_bytes, lora_bytes // 2, len(experts))
+                    delta_rate = gflops
+                else:
+                    nb, fl, dfl = step_cost(case, b, kw, p_lin, p_head, 0.5 * p_lin if backend == "int4" else
+                                            delta_bytes, p_lin, len(experts))
+                    delta_rate = kernel_rates.get(backend, gflops)
                 t_compute = fl / gflops + dfl / delta_rate
                 limit = b / max(nb / bw, t_compute)
                 results["limits"].setdefault(policy, {}).setdefault(case, {})[str(b)] = {

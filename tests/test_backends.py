@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernel module is first imported
 
-from meswitch.deltas import decode, decode_delta
+from meswitch.deltas import LowRankDelta, decode, decode_delta
 from meswitch.engine import backends
 from meswitch.engine.backends.forms import DenseForm
 from meswitch.engine.kernels import int4, lowbit_cpu, sgmv_triton
@@ -94,6 +94,41 @@ def test_add_matches_the_reference_on_uneven_segments(case, scheme, batch):
     backend.add(x.to(DEVICE), y, [(forms[e], s, t, 0) for e, s, t in seg if e >= 0], {})
     want = torch.stack([y0[i] + (x[i] @ dense[e].T if e >= 0 else 0) for i, e in enumerate(ids)])
     rel_close(y.cpu() - y0, want - y0, TOL[case[0]])
+
+
+LORAS = {"r16-fp16": (16, torch.float16), "r5-bf16": (5, torch.bfloat16)}  # whole and partial vector blocks
+
+
+def lora_stored(seed: int, rank: int, dtype: torch.dtype, out: int = OUT):
+    """Stored (fields, meta) of a random LoRA delta ``scale * b @ a`` with 16-bit factors."""
+    g = gen(seed)
+    record = LowRankDelta((torch.randn(rank, IN, generator=g) * 0.1).to(dtype),
+                          (torch.randn(out, rank, generator=g) * 0.1).to(dtype), 0.5 + seed % 3)
+    return record.fields(), record.meta()
+
+
+@pytest.mark.parametrize("batch", BATCHES, ids=list(BATCHES))
+@pytest.mark.parametrize("lora", LORAS)
+@pytest.mark.parametrize("case", CASES)
+def test_lora_add_matches_the_reference_on_uneven_segments(case, lora, batch):
+    """LoRA forms through ``add``, as the reference adds them and as float64 products of the 16-bit factors."""
+    if case[0] == "triton" and batch != "uneven":
+        pytest.skip("the interpreter is slow: one batch shape is enough for the kernel's own tests")
+    backend, reference = make(case), backends.backend_class("reference")("cpu")
+    stored = [lora_stored(30 + e, *LORAS[lora]) for e in range(4)]
+    ids = sorted_ids(BATCHES[batch], base_rows=2)
+    seg = Segments.from_ids(ids)
+    x = torch.randn(len(ids), IN, generator=gen(7))
+    y0 = torch.randn(len(ids), OUT, generator=gen(8))
+    y, y_ref = y0.clone().to(DEVICE), y0.clone()
+    backend.add(x.to(DEVICE), y, [(backend.prepare(decode(*stored[e])), s, t, 0) for e, s, t in seg if e >= 0], {})
+    reference.add(x, y_ref, [(reference.prepare(decode(*stored[e])), s, t, 0) for e, s, t in seg if e >= 0], {})
+    dense = [m["scale"] * f["lora_b"].double() @ f["lora_a"].double() for f, m in stored]
+    want = torch.stack([x[i].double() @ dense[e].T if e >= 0 else torch.zeros(OUT, dtype=torch.float64)
+                        for i, e in enumerate(ids)])
+    rel_close((y.cpu() - y0).double(), want, 1e-5)  # float32 products in every backend, whatever its kernels
+    rel_close(y.cpu() - y0, y_ref - y0, 1e-5)
+    assert torch.equal(y.cpu()[:2], y0[:2])  # base rows untouched
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,17 @@ if not torch.cuda.is_available():
 
 from meswitch.cli import main
 from meswitch.compress.config import CompressConfig
+from meswitch.data.examples import Example, read_jsonl, write_jsonl
 from meswitch.deltas import DeltaFormatError, LowRankDelta, decode, decode_delta
 from meswitch.deltas.apply import apply_delta
 from meswitch.engine import Engine, EngineConfig, Request, SamplingParams, backends
 from meswitch.engine.backends.forms import LowRankForm
-from meswitch.engine.kernels import sgmv_triton
+from meswitch.engine.kernels import lora_cpu, sgmv_triton
 from meswitch.engine.segments import Segments
 from meswitch.errors import MeswitchError
 from meswitch.jobs.compress_store import compress_into_store
 from meswitch.jobs.peft_adapter import AdapterError, read_adapter
+from meswitch.jobs.store_fidelity import merge_adapter, store_fidelity
 from meswitch.model.checkpoint import save_checkpoint
 from meswitch.store import DeltaStore
 from meswitch.store.summary import summarize
@@ -124,7 +128,8 @@ def test_every_backend_holds_lora_factors_as_a_low_rank_form_that_gives_the_delt
     form = make_backend(name).prepare(decode(record.fields(), record.meta()))
     assert isinstance(form, LowRankForm) and tuple(form.shape) == (OUT, IN)
     assert torch.equal(form.dequantize().cpu(), record.dequantize())  # merged weights are built from it
-    assert form.nbytes() == 4 * (6 * IN + OUT * 6)  # the two factors in float32, nothing else
+    assert form.nbytes() == 2 * (6 * IN + OUT * 6)  # the two factors in their stored 16 bits, nothing else
+    assert form.delta.a.dtype == form.delta.b.dtype == torch.float16
     x = torch.randn(5, IN, generator=gen(6))
     rel_close(form.matmul(x.to(form.delta.a.device)).cpu(), x @ record.dequantize().T, 1e-5)
 
@@ -158,6 +163,26 @@ def test_a_mixed_add_of_lora_and_quantized_experts_matches_each_delta_on_its_row
     rel_close(got[lora_rows] - y0[lora_rows], want[lora_rows] - y0[lora_rows], 1e-5)  # float32 in every backend
     rel_close(got - y0, want - y0, TOL[name])
     assert torch.equal(got[:2], y0[:2])  # base rows untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_lora_kernel_adds_every_item_from_the_16_bit_factors(dtype):
+    """Ranks 16, 5 and 8 (whole and partial vector blocks), odd widths, rows of several items, a column slice."""
+    if not lora_cpu.available():
+        pytest.skip(f"no LoRA CPU kernel: {lora_cpu.unavailable_reason()}")
+    g = gen(20)
+    x = torch.randn(12, 77, generator=g)
+    y0 = torch.randn(12, 60, generator=g)
+    items = []
+    for r, out, s, t, c in ((16, 40, 0, 5, 3), (5, 13, 5, 6, 1), (8, 17, 6, 12, 43), (16, 16, 0, 5, 44)):
+        a, b = (torch.randn(r, 77, generator=g) * 0.1).to(dtype), (torch.randn(out, r, generator=g) * 0.1).to(dtype)
+        items.append((a, b, 0.5 + r / 8, s, t, c))
+    y = y0.clone()
+    lora_cpu.sgmv(x, y[:, 1:], [(a, b, sc, s, t, c - 1) for a, b, sc, s, t, c in items])  # a column slice of y
+    want = y0.double()
+    for a, b, sc, s, t, c in items:  # float64 products of the 16-bit values
+        want[s:t, c : c + b.shape[0]] += sc * (x[s:t].double() @ a.double().T) @ b.double().T
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
 
 
 # ---- PEFT adapters, compressed and served -------------------------------------------------------------------
@@ -267,20 +292,76 @@ def test_mixed_batch_greedy_equals_each_request_alone(served, smollm_tokenizer):
     assert together[0].token_ids != base_alone.token_ids  # the LoRA expert answers differently
 
 
-def test_a_resident_lora_expert_holds_its_factors_and_nothing_else(served, smollm_tokenizer):
+def adapter_bytes(adapter: Path) -> tuple[int, int]:
+    """(bytes of the adapter's LoRA factors in 16 bit, float32 bytes of its other tensors), read from its
+    ``adapter_model.safetensors`` (header and all) by hand, not by meswitch."""
+    raw = (adapter / "adapter_model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    sizes = {k: math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    factors = sum(2 * n for k, n in sizes.items() if ".lora_A." in k or ".lora_B." in k)
+    return factors, sum(4 * n for k, n in sizes.items() if ".lora_" not in k)
+
+
+@pytest.mark.parametrize("backend", ["reference", "pytorch", "auto"])
+def test_a_resident_lora_expert_holds_its_stored_factors_and_nothing_else(served, smollm_tokenizer, backend):
     root, base, _, _ = served
     store = DeltaStore.open(root / "store")
-    eng = Engine(store, copy.deepcopy(base), smollm_tokenizer, EngineConfig())
+    eng = Engine(store, copy.deepcopy(base), smollm_tokenizer, EngineConfig(backend=backend))
     eng.pool.pin("lora")
     eng.pool.pin("rs")
-    snap = eng.pool.snapshot()["experts"]
+    snap = eng.pool.snapshot()
     for name in ("lora", "rs"):
-        layers = store.expert_meta(name)["layers"]
-        factors = sum(4 * t["shape"][0] * t["shape"][1] for m in layers.values() if m["method"] == "lora"
-                      for t in m["tensors"].values())  # float32 in memory, 16 bit on disk
-        assert factors == 2 * sum(m["bytes"] for m in layers.values() if m["method"] == "lora")
-        norms = 4 * 64 if name == "rs" else 0  # the final norm's dense delta (modules_to_save)
-        assert snap[name]["resident_bytes"] == factors + norms, name
+        factors, others = adapter_bytes(root / name)  # the adapter's fp32 factors, stored in 16 bit
+        assert others == (4 * 64 if name == "rs" else 0)  # the final norm (modules_to_save), held in float32
+        assert snap["experts"][name]["resident_bytes"] == factors + others, name
+        assert factors == sum(m["bytes"] for m in store.expert_meta(name)["layers"].values() if m["method"] == "lora")
+    assert snap["resident_bytes"] == sum(sum(adapter_bytes(root / n)) for n in ("lora", "rs"))
+
+
+# ---- fidelity against the adapter ---------------------------------------------------------------------------
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+         "What is 7 times 6? It is 42.", "Rain is expected over the weekend in the north."]
+
+
+@pytest.fixture
+def held_out(tmp_path) -> Path:
+    path = tmp_path / "held-out.jsonl"
+    write_jsonl(path, [Example(text=t, domain="any", response="Yes.") for t in TEXTS])
+    return path
+
+
+def test_the_merged_adapter_reference_equals_peft(served):
+    root, base, models, _ = served
+    ids = torch.randint(0, 49152, (12,), generator=gen(30)).tolist()
+    for name in ("lora", "rs"):
+        merged = merge_adapter(copy.deepcopy(base), root / name)
+        torch.testing.assert_close(hf_logits(merged, ids, 4), hf_logits(models[name], ids, 4), atol=1e-4, rtol=0)
+
+
+def test_eval_fidelity_of_a_lora_expert_is_exact_against_its_own_adapter(served, held_out, capsys):
+    root = served[0]
+    for name in ("lora", "rs"):
+        assert main(["eval", "fidelity", str(root / "store"), "--expert", name, "--text", str(held_out), "--json"]) == 0
+        fid = json.loads(capsys.readouterr().out)
+        assert fid["tokens"] >= 12 and fid["top1"] == 1.0, name
+        assert abs(fid["kl"]) < 1e-6 and fid["ppl_ratio"] == pytest.approx(1.0, abs=1e-5), name
+
+
+def test_eval_fidelity_detects_the_wrong_adapter_and_names_a_missing_one(served, held_out, tmp_path, capsys):
+    root = served[0]
+    examples = read_jsonl(held_out)
+    wrong = store_fidelity(root / "store", "lora", examples, reference_dir=root / "rs")
+    assert wrong["kl"] > 1e-3 and wrong["top1"] < 1.0
+    gone = tmp_path / "gone"
+    shutil.copytree(root / "lora", gone)
+    compress_into_store(root / "base", {"gone": gone}, tmp_path / "store", None, CompressConfig())
+    shutil.rmtree(gone)
+    assert main(["eval", "fidelity", str(tmp_path / "store"), "--expert", "gone", "--text", str(held_out)]) == 2
+    err = capsys.readouterr().err
+    assert f"stored from the LoRA adapter {gone.resolve()}, which is gone" in err and "--reference" in err
+    again = store_fidelity(tmp_path / "store", "gone", examples, reference_dir=root / "lora")  # named by hand
+    assert again["top1"] == 1.0
 
 
 # ---- adapters that cannot be stored -------------------------------------------------------------------------

@@ -12,6 +12,10 @@ one module with a :class:`~meswitch.engine.backends.base.DeltaBackend` subclass 
 | ``int4`` | packed + PyTorch's int4 layout | one int4 kernel call per expert (bf16 activations) |
 | ``lowbit`` | the low-bit kernel's layout only | one call per layer for every expert (int8 activations) |
 | ``triton`` | packed codes on the GPU | one Triton launch per layer for every expert |
+
+LoRA experts' factors are held alike by every backend, in their stored 16 bits (``LowRankForm``); every
+backend but ``reference`` adds all LoRA segments of a call with one call of the LoRA CPU kernel
+(:mod:`meswitch.engine.kernels.lora_cpu`) where the CPU has it.
 """
 
 from __future__ import annotations

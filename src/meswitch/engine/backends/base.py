@@ -28,14 +28,15 @@ import torch
 from torch import Tensor
 
 from meswitch.deltas import DenseDelta, LayerDelta, LowRankDelta, QuantizedDelta
-from meswitch.engine.backends.forms import DenseForm, Form, LowRankForm, PackedForm
+from meswitch.engine.backends.forms import DenseForm, Form, LowRankForm, PackedForm, add_low_rank
 
 Work = tuple[Form, int, int, int]  # (form, first row, end row, first output column)
 
 
 class DeltaBackend:
     """Base class: prepares dense records as :class:`DenseForm` and LoRA factors as :class:`LowRankForm`
-    (in every backend: no kernel batches them yet), adds each item with ``form.matmul``."""
+    (in every backend); adds every LoRA item of a call in one LoRA kernel call where the CPU has the kernel
+    (:func:`~meswitch.engine.backends.forms.add_low_rank`), each other item with ``form.matmul``."""
 
     name: ClassVar[str]
 
@@ -61,7 +62,7 @@ class DeltaBackend:
 
     def add(self, x: Tensor, y: Tensor, work: Sequence[Work], state: dict[str, Any]) -> None:
         """``y[s:t, c:c + out] += x[s:t] @ delta^T`` for each ``(form, s, t, c)`` (module docstring)."""
-        for form, s, t, c in work:
+        for form, s, t, c in add_low_rank(x, y, work):
             add_rows(y, s, t, c, form.matmul(x[s:t]))
 
 

@@ -6,13 +6,15 @@ Every form answers three questions, whatever its layout:
 - ``dequantize() -> float32 [out, in]``: the stored delta, exactly (merged weights are built from it);
 - ``nbytes()``: bytes held in memory.
 
-The forms here are plain PyTorch (:class:`LowRankForm` serves LoRA factors in every backend); kernel
+The forms here are plain PyTorch (:class:`LowRankForm` serves LoRA factors in every backend, through the
+LoRA kernel where the CPU has it: :func:`add_low_rank`); kernel
 forms (:mod:`.int4`, :mod:`.lowbit`) wrap a :class:`PackedForm` or keep their own layout. A form never
 changes once built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from meswitch.deltas import LowRankDelta, QuantizedDelta, pack, unpack
+from meswitch.engine.kernels import lora_cpu
 
 
 class Form(Protocol):
@@ -141,29 +144,45 @@ class PackedForm:
 
 @dataclass(frozen=True, eq=False)
 class LowRankForm:
-    """A LoRA delta as its record with float32 factors on the backend's device (``a: [r, in]``,
-    ``b: [out, r]``, ``delta = scale * b @ a``), never built by :meth:`matmul` (shrink to ``r``, then expand)::
+    """A LoRA delta as its record, the factors in their stored 16 bits on the backend's device (``a: [r, in]``,
+    ``b: [out, r]``, fp16 or bf16; ``delta = scale * b @ a``), never built by :meth:`matmul` (shrink to ``r``,
+    then expand)::
 
-        x @ delta^T = ((x @ a^T) * scale) @ b^T        # x: [n, in] -> [n, r] -> [n, out]
+        x @ delta^T = ((x @ a^T) * scale) @ b^T        # x: [n, in] -> [n, r] -> [n, out], float32 products
+
+    ``kernel``: whether :mod:`meswitch.engine.kernels.lora_cpu` takes it (on a CPU that has the kernel),
+    which reads the 16-bit factors directly; elsewhere each call widens them to float32 first. Either way
+    the resident bytes are the stored factors' bytes and nothing else.
     """
 
     delta: LowRankDelta
+    kernel: bool = False
 
     @classmethod
     def of(cls, d: LowRankDelta, device: torch.device) -> LowRankForm:
-        """The form of record ``d`` on ``device`` (its 16-bit factors widened to float32, exactly)."""
-        return cls(replace(d, a=d.a.to(device, torch.float32), b=d.b.to(device, torch.float32)))
+        """The form of record ``d`` on ``device``: its factors as a store holds them (16 bit, contiguous)."""
+        f = d.fields()
+        a, b = f["lora_a"].to(device).contiguous(), f["lora_b"].to(device).contiguous()
+        return cls(replace(d, a=a, b=b), device.type == "cpu" and lora_cpu.takes(a, b) and lora_cpu.available())
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.delta.shape
+
+    def item(self, s: int, t: int, c: int) -> lora_cpu.Item:
+        """The kernel's item for rows ``[s, t)`` and first output column ``c``."""
+        return (self.delta.a, self.delta.b, self.delta.scale, s, t, c)
 
     def matmul(self, x: Tensor) -> Tensor:
         """``x: [n, in]`` -> ``x @ delta^T: float32 [n, out]`` through the rank-``r`` bottleneck (class docstring)."""
         d = self.delta
         if x.dim() != 2 or x.shape[1] != d.shape[1]:
             raise ValueError(f"x must be [n, in={d.shape[1]}], got shape {tuple(x.shape)}")
-        return (x.float() @ d.a.T).mul_(d.scale) @ d.b.T
+        if self.kernel and x.device.type == "cpu":
+            y = torch.zeros(x.shape[0], d.shape[0], dtype=torch.float32)
+            lora_cpu.sgmv(x, y, [self.item(0, x.shape[0], 0)])
+            return y
+        return (x.float() @ d.a.float().T).mul_(d.scale) @ d.b.float().T
 
     def dequantize(self) -> Tensor:
         """``scale * b @ a``: float32 ``[out, in]``, the record's own."""
@@ -171,3 +190,24 @@ class LowRankForm:
 
     def nbytes(self) -> int:
         return nbytes(self.delta.a, self.delta.b)
+
+
+def add_low_rank(x: Tensor, y: Tensor, work: Sequence[tuple[Form, int, int, int]]) -> list[tuple[Form, int, int, int]]:
+    """``y[s:t, c:c + out] += x[s:t] @ delta^T`` for every item ``(form, s, t, c)`` of ``work`` whose form is a
+    :class:`LowRankForm` the LoRA kernel takes, all in one kernel call (``x: [T, in]``, ``y: [T, N]``); returns
+    the other items, for another path."""
+    mine, rest = [], []
+    for item in work:
+        form, s, t, c = item
+        if isinstance(form, LowRankForm) and form.kernel and x.device.type == "cpu" and s < t:
+            mine.append(form.item(s, t, c))
+        else:
+            rest.append(item)
+    if mine:
+        if y.dtype == torch.float32 and y.stride(1) == 1:
+            lora_cpu.sgmv(x, y, mine)
+        else:
+            acc = torch.zeros(y.shape, dtype=torch.float32)
+            lora_cpu.sgmv(x, acc, mine)
+            y.add_(acc.to(y.dtype))
+    return rest

@@ -1,3 +1,4 @@
 """Kernels behind the delta backends: PyTorch's int4 CPU kernel (:mod:`.int4`), meswitch's low-bit
-CPU kernel (:mod:`.lowbit_cpu`, C++ in ``csrc/``) and the Triton GPU kernel (:mod:`.sgmv_triton`).
+CPU kernel (:mod:`.lowbit_cpu`, C++ in ``csrc/``), the LoRA CPU kernel for 16-bit low-rank factors
+(:mod:`.lora_cpu`, C++ inline) and the Triton GPU kernel (:mod:`.sgmv_triton`).
 Each documents its semantics in plain PyTorch and is tested against that reference."""
