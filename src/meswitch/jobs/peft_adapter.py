@@ -184,7 +184,7 @@ def read_adapter(path: Path, base: nn.Module, base_dir: Path | None = None
     cfg = read_config(path / ADAPTER_CONFIG)
     weights = path / ADAPTER_WEIGHTS
     tensors = read_tensors(weights)
-    factors, copies = _split_keys(weights, tensors)
+    factors, copies = split_keys(weights, tensors)
     if not factors and not copies:
         raise AdapterError(f"{weights}: holds no LoRA weights")
     modules = dict(base.named_modules())
@@ -216,7 +216,7 @@ def read_adapter(path: Path, base: nn.Module, base_dir: Path | None = None
     return layers, meta, _info(path, cfg, base, layers, ranks, sorted(dense), worst, warnings)
 
 
-def _split_keys(weights: Path, tensors: dict[str, torch.Tensor]
+def split_keys(weights: Path, tensors: dict[str, torch.Tensor]
                 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """``({module: {"A": lora_A, "B": lora_B}}, {base parameter: trained copy})`` from the file's keys."""
     factors: dict[str, dict[str, torch.Tensor]] = {}

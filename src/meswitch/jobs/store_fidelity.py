@@ -84,14 +84,14 @@ def merge_adapter(model: nn.Module, adapter: Path) -> nn.Module:
     from meswitch.jobs.peft_adapter import (
         ADAPTER_CONFIG,
         ADAPTER_WEIGHTS,
-        _split_keys,
         read_config,
         read_tensors,
+        split_keys,
     )
 
     cfg = read_config(adapter / ADAPTER_CONFIG)
     weights = adapter / ADAPTER_WEIGHTS
-    factors, copies = _split_keys(weights, read_tensors(weights))
+    factors, copies = split_keys(weights, read_tensors(weights))
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
