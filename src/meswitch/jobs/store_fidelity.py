@@ -36,7 +36,7 @@ def store_fidelity(
     from meswitch.deltas.apply import apply_delta
     from meswitch.eval.fidelity import compare_models
     from meswitch.jobs.peft_adapter import is_adapter
-    from meswitch.model.checkpoint import load_checkpoint
+    from meswitch.model.checkpoint import load_checkpoint, load_model
     from meswitch.store import DeltaStore, fingerprint_model
 
     store = DeltaStore.open(store_path)
@@ -50,7 +50,7 @@ def store_fidelity(
     if is_adapter(reference_dir):
         reference = merge_adapter(copy.deepcopy(base), reference_dir)
     else:
-        reference, _ = load_checkpoint(reference_dir)
+        reference = load_model(reference_dir)  # a fine-tune may be saved without its tokenizer
     layers, _ = store.load_expert(expert)
     layer_meta = {name: {k: v for k, v in m.items() if k not in ("bytes", "sha256", "tensors")}
                   for name, m in entry["layers"].items()}
