@@ -36,7 +36,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/pytest -q -rs
+	$(BIN)/pytest -q -rs --durations=15
 
 # Every benchmark on the full zoo (built or reused, then compressed into STORE), then docs/RESULTS.md
 # with its tables and plots; about 45 minutes with the zoo cached. BENCH_ARGS="--only engine,router".
