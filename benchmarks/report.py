@@ -575,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = load_results(args.results)
     text = build_report(res, args.results, store_summary(args.store))
+    tasks = args.results / "tasks.md"  # benchmarks/tasks.py's table: kept between its markers
+    if tasks.is_file():
+        text += f"\n<!-- tasks:begin -->\n{tasks.read_text().strip()}\n<!-- tasks:end -->\n"
     from meswitch.utils.atomic import atomic_write_text
 
     atomic_write_text(args.out, text)

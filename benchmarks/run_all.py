@@ -54,6 +54,7 @@ def steps(store: Path) -> list[Step]:
         Step("load", [py, str(HERE / "load.py"), "--store", str(store), "--clients", "8", "--seconds", "60"],
              needs="openai"),
         Step("ray_scale", [py, str(HERE / "ray_scale.py"), "--store", str(store)], needs="ray"),
+        Step("tasks", [py, str(HERE / "tasks.py"), "--store", str(store), "--limit", "50"], needs="lm_eval"),
     ]
 
 

@@ -1,4 +1,4 @@
-"""``meswitch compress``, ``meswitch inspect`` and ``meswitch eval fidelity``."""
+"""``meswitch compress``, ``meswitch inspect`` and ``meswitch eval fidelity`` (``eval tasks``: :mod:`.eval_tasks`)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _salient_arg(value: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from meswitch.cli import eval_tasks
     from meswitch.compress.config import CompressConfig
 
     d = CompressConfig()
@@ -76,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=64, help="examples to score (default 64)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
+    eval_tasks.register(esub)
 
 
 def _resolve_inputs(args: argparse.Namespace) -> tuple[Path, dict[str, Path], Path | dict[str, Path] | None]:
