@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/tasks.py --store ~/.cache/meswitch/stores/full [--store S2 ...]
         [--models base,math,code,general,auto] [--tasks meswitch_mc_math,...] [--limit 50]
 
-Every model of a store runs on one engine (``meswitch.eval.harness``, every request of a task handed to
+Every model of a store runs on one engine (``meswitch.harness``, every request of a task handed to
 the engine at once). ``auto`` routes each request with the store's router (skipped, and said so, when
 the store has none). Writes docs/results/tasks.{json,md}, puts the table into docs/RESULTS.md between
 ``<!-- tasks:begin -->`` and ``<!-- tasks:end -->`` (appended when absent) and, with several stores
@@ -39,9 +39,9 @@ def evaluate_store(store: Path, models: list[str] | None, tasks: list[str] | Non
                    chat: bool) -> dict[str, Any]:
     """``{store, bits_per_param, models: {name: {task: row}}, skipped, seconds}`` for one store."""
     from meswitch.engine import Engine
-    from meswitch.eval.harness import register
-    from meswitch.eval.harness.run import evaluate_tasks, primary_scores
     from meswitch.front import load_store_router
+    from meswitch.harness import register
+    from meswitch.harness.run import evaluate_tasks, primary_scores
 
     lm_cls = register()
     bits, _ = store_bits(store)

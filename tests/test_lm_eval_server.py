@@ -1,6 +1,6 @@
 """lm-evaluation-harness 0.4.13 end to end against the real server: ``local-completions`` on a
 log-likelihood task and ``local-chat-completions`` on a generation task (the tiny local tasks in
-``meswitch.eval.tasks``). The log-likelihoods lm-eval saw must equal transformers' on the same weights.
+``meswitch.harness.tasks``). The log-likelihoods lm-eval saw must equal transformers' on the same weights.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meswitch.eval.tasks import TASKS_DIR
+from meswitch.harness.tasks import TASKS_DIR
 from tests.engine_helpers import EXPERTS, perturbed
 from tests.server_helpers import tiny_served
 

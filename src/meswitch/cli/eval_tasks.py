@@ -27,8 +27,8 @@ def register(esub: argparse._SubParsersAction) -> None:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     from meswitch.cli.render import print_json, print_table
-    from meswitch.eval.harness import register as register_lm
-    from meswitch.eval.harness.run import check_tasks, evaluate_tasks, score_rows, task_manager
+    from meswitch.harness import register as register_lm
+    from meswitch.harness.run import check_tasks, evaluate_tasks, score_rows, task_manager
 
     if args.limit is not None and args.limit < 1:
         raise MeswitchError(f"--limit must be >= 1, got {args.limit}")

@@ -45,7 +45,7 @@ def completion_code(doc: dict[str, Any], text: str) -> str:
 
 
 def humaneval_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    from meswitch.eval.tasks.sandbox import check_completion
+    from meswitch.harness.tasks.sandbox import check_completion
 
     passed, _ = check_completion(doc, completion_code(doc, results[0]))
     return {"pass@1": float(passed)}

@@ -1,9 +1,9 @@
-"""``python -m meswitch.eval.harness [lm-eval arguments]``: lm-eval's command line with the ``meswitch`` model.
+"""``python -m meswitch.harness [lm-eval arguments]``: lm-eval's command line with the ``meswitch`` model.
 
 lm-eval finds models in its own registry only; this registers ``meswitch`` first, adds meswitch's task
 directory to ``--include_path`` (unless one is given), then runs lm-eval's CLI, e.g.::
 
-    python -m meswitch.eval.harness --model meswitch --model_args store=STORE,expert=auto \\
+    python -m meswitch.harness --model meswitch --model_args store=STORE,expert=auto \\
         --tasks meswitch_mc_math --apply_chat_template --limit 20
 """
 
@@ -13,8 +13,8 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from meswitch.eval.harness import register
-    from meswitch.eval.tasks import TASKS_DIR
+    from meswitch.harness import register
+    from meswitch.harness.tasks import TASKS_DIR
 
     register()
     args = list(sys.argv[1:] if argv is None else argv)

@@ -24,7 +24,7 @@ def task_manager() -> Any:
     """lm-eval's TaskManager over meswitch's task directory only (no download, no default tasks)."""
     from lm_eval.tasks import TaskManager
 
-    from meswitch.eval.tasks import TASKS_DIR
+    from meswitch.harness.tasks import TASKS_DIR
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
@@ -52,7 +52,7 @@ def evaluate_tasks(lm: Any, tasks: Sequence[str] | None = None, limit: int | Non
 
     ``limit``: the first N documents of each task. ``chat_template``: render prompts with the model's
     chat template (the experts were fine-tuned on chat-rendered text). HumanEval's code runs in
-    :mod:`meswitch.eval.tasks.sandbox`; asking for that task confirms lm-eval's ``unsafe_code``.
+    :mod:`meswitch.harness.tasks.sandbox`; asking for that task confirms lm-eval's ``unsafe_code``.
     """
     from lm_eval import simple_evaluate
 

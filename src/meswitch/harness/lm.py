@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
 from meswitch.engine.errors import InvalidRequestError, UnknownModelError
-from meswitch.eval.harness.scoring import (
+from meswitch.front import AUTO, Front, Router, RoutingUnavailableError, load_store_router
+from meswitch.harness.scoring import (
     CHUNK,
     Continuation,
     Generation,
@@ -26,7 +27,6 @@ from meswitch.eval.harness.scoring import (
     rolling_windows,
     score_continuations,
 )
-from meswitch.front import AUTO, Front, Router, RoutingUnavailableError, load_store_router
 
 log = logging.getLogger(__name__)
 BASE_NAMES = ("", "base", "none", "None")  # what ``expert=`` may say for the base model

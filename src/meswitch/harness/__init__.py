@@ -4,7 +4,7 @@
   every request of a call handed to the engine at once (no lm-eval needed);
 - ``lm``: ``MeswitchLM``, registered as lm-eval's ``meswitch`` model (imports lm_eval: the ``eval`` extra);
 - ``run``: :func:`run.evaluate_tasks` (simple_evaluate over meswitch's task suites) and the score table;
-- ``python -m meswitch.eval.harness ARGS``: lm-eval's own command line with ``meswitch`` registered
+- ``python -m meswitch.harness ARGS``: lm-eval's own command line with ``meswitch`` registered
   and meswitch's tasks on the include path (the ``lm_eval`` command cannot import a third-party model).
 
 Nothing here imports lm_eval until it is used: meswitch works without the extra.
@@ -28,7 +28,7 @@ def require_lm_eval() -> None:
 def register() -> type:
     """Import ``MeswitchLM`` (registering lm-eval's ``meswitch`` model) and return it."""
     require_lm_eval()
-    from meswitch.eval.harness.lm import MeswitchLM
+    from meswitch.harness.lm import MeswitchLM
 
     return MeswitchLM
 
