@@ -8,6 +8,14 @@ sets of ``meswitch.router.data`` (sources no training mix uses), and time routin
 
 Writes docs/results/router.{md,json} and router_reliability.png. The base-model encoders are slow
 on a CPU: ``--train-per-domain`` / ``--eval-per-set`` subsample for them (each row says how many).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/router.py --loso [--per-source 300]
+
+``--loso`` needs no store: leave-one-source-out over the packaged corpus (``meswitch.router.corpus``)
+for the default minilm recipe, the previous default mix (the full zoo's training text plus the broad
+styles) scored on every corpus source as the "before" row, the risk-coverage curve and ECE of the
+held-out predictions, and batch-1 latency of a router trained on the new default text. Writes
+docs/results/router_loso.{md,json} and router_loso.png.
 """
 
 from __future__ import annotations
@@ -147,6 +155,171 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def zoo_text(size: str = "full") -> tuple[list, list]:
+    """The zoo's (train, test) text, from its cached data directory, else drawn again as the zoo draws it."""
+    from meswitch.data.examples import read_jsonl
+    from meswitch.data.sources import domain_examples
+    from meswitch.paths import cache_root
+    from meswitch.zoo.recipe import get_recipe
+
+    data = cache_root() / "zoo" / size / "data"
+    if (data / "train.jsonl").is_file() and (data / "test.jsonl").is_file():
+        return read_jsonl(data / "train.jsonl"), read_jsonl(data / "test.jsonl")
+    recipe = get_recipe(size)
+    train, test = [], []
+    for i, domain in enumerate(recipe.domains):
+        pool = domain_examples(domain, recipe.n_test + recipe.n_train, recipe.seed + 1000 * i)
+        test += pool[: recipe.n_test]
+        train += pool[recipe.n_test :]
+    return train, test
+
+
+def loso_main(args: argparse.Namespace) -> None:
+    """``--loso``: LOSO before/after, risk-coverage, ECE, latency; docs/results/router_loso.*."""
+    import torch
+
+    from meswitch.data.examples import Example
+    from meswitch.router.corpus import build_corpus
+    from meswitch.router.data import broad_training_examples
+    from meswitch.router.encoders import build_encoder, clean_text, default_spec
+    from meswitch.router.eval import evaluate
+    from meswitch.router.loso import (
+        HeadRecipe,
+        encode_cached,
+        fit_head,
+        leave_one_source_out,
+        score_fixed_head,
+    )
+    from meswitch.router.train import RouterTrainConfig, train_router
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    corpus = build_corpus(args.per_source, seed=0)
+    print(f"corpus: {len(corpus)} texts, {len({e.source for e in corpus})} sources "
+          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    domains = sorted({e.domain for e in corpus})
+    encoder = build_encoder(default_spec("minilm"), domains)
+    x = encode_cached(encoder, [clean_text(e.text) for e in corpus], progress=True)
+    recipe = HeadRecipe()
+    after = leave_one_source_out(corpus, x, recipe, progress=True)
+
+    zoo_train, zoo_test = zoo_text("full")
+    n_style = max(32, min(400, len(zoo_train) // 12))
+
+    def head_on(mix: list) -> tuple:
+        mix = [e for e in mix if clean_text(e.text)]
+        xm = encode_cached(encoder, [clean_text(e.text) for e in mix], progress=True)
+        return fit_head(xm, torch.tensor([domains.index(e.domain) for e in mix]), len(domains), recipe), len(mix)
+
+    (head, temperature), n_old = head_on(zoo_train + broad_training_examples(zoo_train, n_style, 0, corpus=False))
+    before = score_fixed_head(corpus, x, head, temperature, domains, recipe)
+    (head_new, t_new), n_new = head_on(zoo_train + broad_training_examples(zoo_train, n_style, 0))
+    zoo_test = [Example(clean_text(e.text), e.domain, source=f"zoo-test/{e.domain}") for e in zoo_test]
+    xt = encode_cached(encoder, [e.text for e in zoo_test])
+    short = [Example(t, d, source=f"short/{d}") for d, ts in SHORT.items() for t in ts]
+    xs = encode_cached(encoder, [e.text for e in short])
+    ids = {name: score_fixed_head(zoo_test, xt, h, t, domains, recipe)
+           for name, (h, t) in (("before", (head, temperature)), ("after", (head_new, t_new)))}
+    shorts = {name: score_fixed_head(short, xs, h, t, domains, recipe)
+              for name, (h, t) in (("before", (head, temperature)), ("after", (head_new, t_new)))}
+
+    # batch-1 latency of a default minilm router (the head's training data does not change its cost)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = throwaway_store(Path(tmp) / "s")
+        router = train_router(store, corpus[::10], RouterTrainConfig(epochs=5))
+        lat = evaluate(router, zoo_test, latency_queries=args.latency_queries)
+    out = {"per_source_cap": args.per_source, "corpus_size": len(corpus), "threads": args.threads,
+           "after": after, "before": before,
+           "id": {k: {"macro": v["macro"], "per_source": v["per_source"], "ece": v["ece"]} for k, v in ids.items()},
+           "short": {k: v["macro"] for k, v in shorts.items()},
+           "train_examples": {"before": n_old, "after": n_new},
+           "latency_ms_p50": lat["latency_ms_p50"], "latency_ms_p99": lat["latency_ms_p99"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "router_loso.json").write_text(json.dumps(out, indent=2, default=float))
+    md = loso_markdown(out)
+    (args.out / "router_loso.md").write_text(md)
+    plot_loso(out, args.out / "router_loso.png")
+    print(md)
+
+
+def throwaway_store(path: Path):
+    """A store with experts code/general/math and no weights worth the name: routers only map domains to them."""
+    import torch
+
+    from meswitch.store import DeltaStore
+
+    store = DeltaStore.create(path, "0" * 64, {"architecture": "LlamaForCausalLM", "model_type": "llama",
+                                                "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128,
+                                                "num_parameters": 1})
+    for name in ("code", "general", "math"):
+        layer = {"model.layers.0.mlp.up_proj": {"q": torch.zeros(4, 2, dtype=torch.uint8)}}
+        store.add_expert(name, layer, {"model.layers.0.mlp.up_proj": {"method": "rtn", "bits": 2}}, {"bits": 2})
+    return store
+
+
+def loso_markdown(out: dict) -> str:
+    """The before/after LOSO table, the risk-coverage rows and the new default's ID and latency figures."""
+    a, b = out["after"], out["before"]
+    lines = [f"Leave-one-source-out over the packaged corpus ({out['corpus_size']} texts, up to "
+             f"{out['per_source_cap']} per source), {machine()}, {out['threads']} torch thread(s)", "",
+             "| held-out source | domain | n | before (previous default mix) | after (LOSO) | ECE after |",
+             "|---|---|---|---|---|---|"]
+    for s, r in sorted(a["per_source"].items(), key=lambda kv: (kv[1]["domain"], kv[0])):
+        lines.append(f"| {s} | {r['domain']} | {r['n']} | {b['per_source'][s]['accuracy']:.3f} | "
+                     f"{r['accuracy']:.3f} | {r['ece']:.3f} |")
+    lines += [f"| **worst** | | | {b['worst']['accuracy']:.3f} ({b['worst']['source']}) | "
+              f"{a['worst']['accuracy']:.3f} ({a['worst']['source']}) | |",
+              f"| **macro over sources** | | | {b['macro']:.3f} | {a['macro']:.3f} | |",
+              f"| **ECE, all held-out** | | | {b['ece']:.3f} | {a['ece']:.3f} | |", "",
+              "Before: one head on the previous default text (the full zoo's training split plus the broad "
+              "styles), scored on every corpus source; it trained on some of these sources (word problems, "
+              "CodeIO, CPython, chitchat, chatterbot, ShareGPT prose, the templated styles), so its figure "
+              "is optimistic there. After: for each source, a head trained on every other source.", "",
+              "| coverage % | " + " | ".join(str(int(r["coverage"])) for r in a["risk_coverage"]) + " |",
+              "|---|" + "---|" * len(a["risk_coverage"]),
+              "| accuracy (LOSO) | " + " | ".join(f"{r['accuracy']:.3f}" for r in a["risk_coverage"]) + " |",
+              "| threshold | " + " | ".join(f"{r['threshold']:.3f}" for r in a["risk_coverage"]) + " |",
+              "| accuracy (before) | " + " | ".join(f"{r['accuracy']:.3f}" for r in b["risk_coverage"]) + " |", ""]
+    lines.append(f"Default recipe, one head on all its text (before: {out['train_examples']['before']} texts, after: "
+                 f"{out['train_examples']['after']}): zoo test split (in-distribution, macro over domains) "
+                 f"{out['id']['before']['macro']:.3f} -> {out['id']['after']['macro']:.3f}; short probe (24) "
+                 f"{out['short']['before']:.3f} -> {out['short']['after']:.3f}. Batch-1 latency of the minilm router: "
+                 f"p50 {out['latency_ms_p50']:.1f} ms, p99 {out['latency_ms_p99']:.1f} ms.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_loso(out: dict, path: Path) -> None:
+    """Per-source LOSO accuracy (before/after), risk-coverage and reliability of held-out predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from meswitch.router.eval import plot_risk_coverage
+
+    a, b = out["after"], out["before"]
+    names = sorted(a["per_source"], key=lambda s: (a["per_source"][s]["domain"], s))
+    fig, (p, q, r) = plt.subplots(1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    pos = range(len(names))
+    p.barh([i + 0.2 for i in pos], [b["per_source"][s]["accuracy"] for s in names], 0.4, label="before")
+    p.barh([i - 0.2 for i in pos], [a["per_source"][s]["accuracy"] for s in names], 0.4, label="after (LOSO)")
+    p.set_yticks(list(pos), [f"{a['per_source'][s]['domain']}: {s}" for s in names], fontsize=7)
+    p.axvline(0.9, color="grey", ls="--", lw=1)
+    p.set(xlim=(0, 1), xlabel="accuracy on the held-out source", title="per source")
+    p.legend(fontsize=8)
+    plot_risk_coverage(q, {"after (LOSO)": a["risk_coverage"], "before": b["risk_coverage"]})
+    r.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    for label, res in (("after (LOSO)", a), ("before", b)):
+        rel = res["reliability"]
+        r.plot([x["confidence"] for x in rel], [x["accuracy"] for x in rel], "o-", label=f"{label} ECE {res['ece']:.3f}")
+    r.set(xlabel="confidence", ylabel="accuracy", title="reliability, held-out sources", xlim=(0.3, 1.01),
+          ylim=(0, 1.02))
+    r.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=Path.home() / ".cache/meswitch/stores/full")
@@ -158,7 +331,13 @@ def main() -> None:
     ap.add_argument("--oos-n", type=int, default=300, help="queries per out-of-source set")
     ap.add_argument("--no-broad", action="store_true", help="train on the zoo's text alone (no broad mix)")
     ap.add_argument("--out", type=Path, default=results_dir())
+    ap.add_argument("--loso", action="store_true", help="leave-one-source-out before/after (needs no store)")
+    ap.add_argument("--per-source", type=int, default=123,
+                    help="--loso: corpus examples per source (default 123: what the default recipe takes for the full zoo)")
     args = ap.parse_args()
+    if args.loso:
+        loso_main(args)
+        return
 
     from meswitch.data.examples import read_jsonl
     from meswitch.router.router import load_store_base

@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="labelled lines {'text', 'domain'} (repeatable; default: the zoo's training text)")
     p.add_argument("--zoo", type=Path, help="zoo directory for the default text (default: the store's base's zoo)")
     p.add_argument("--no-broad", action="store_true",
-                   help="with the default text: skip the extra styles (competition math, bare stubs, ...)")
+                   help="with the default text: the zoo's text alone (no corpus, no extra styles)")
+    p.add_argument("--no-corpus", action="store_true",
+                   help="with the default text: the previous broad styles instead of the multi-source corpus")
     p.add_argument("--encoder", choices=ENCODERS, default="minilm")
     p.add_argument("--head", choices=["mlp", "linear"], default="mlp")
     p.add_argument("--map", type=_map_arg, action="append", default=[], metavar="DOMAIN=EXPERT",
@@ -59,7 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = rsub.add_parser("eval", help="accuracy, confusion, calibration, fallback rate and latency on labelled text")
     p.add_argument("store", type=Path)
-    p.add_argument("--data", type=Path, action="append", required=True, metavar="FILE.jsonl")
+    p.add_argument("--data", type=Path, action="append", default=[], metavar="FILE.jsonl",
+                   help="labelled lines {'text', 'domain'[, 'source']} (repeatable; needed unless --loso)")
+    p.add_argument("--loso", action="store_true",
+                   help="also: leave-one-source-out over the packaged corpus with this router's encoder and "
+                        "head recipe (train without each source, test on it): the out-of-distribution figure")
+    p.add_argument("--loso-per-source", type=int, default=123, metavar="N",
+                   help="corpus examples per source for --loso (default 123, what the default recipe takes for the "
+                        "full zoo; corpus and features are cached after the first run)")
+    p.add_argument("--loso-quick", action="store_true", help="--loso on the 9 cheap sources only (a smoke test)")
     p.add_argument("--encoder", choices=ENCODERS, help="which stored router (default: the active one)")
     p.add_argument("--limit", type=int, help="evaluate the first N lines only")
     p.add_argument("--latency-queries", type=int, default=200, help="queries timed one at a time (default 200)")
@@ -104,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     store = DeltaStore.open(args.store)
     examples = _read_examples(args.data) if args.data else default_training_examples(
-        store, zoo=args.zoo, broad=not args.no_broad)
+        store, zoo=args.zoo, broad=not args.no_broad, corpus=not args.no_corpus)
     cfg = RouterTrainConfig(encoder=args.encoder, head=args.head, threshold=args.threshold, fallback=args.fallback,
                             max_per_domain=args.max_per_domain, layer=args.layer)
     base = load_store_base(store, args.base) if args.base and args.encoder != "minilm" else None
@@ -130,29 +140,88 @@ def print_trained(router: Router, store: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from meswitch.cli.render import print_json, print_table
+    from meswitch.cli.render import print_json
     from meswitch.router.eval import evaluate, plot_eval
 
-    examples = _read_examples(args.data)[: args.limit]
+    if not args.data and not args.loso:
+        raise MeswitchError("router eval needs --data FILE.jsonl, --loso, or both")
     router = _load(args.store, args.encoder, args.base)
-    result = evaluate(router, examples, latency_queries=args.latency_queries)
-    if args.plot:
-        plot_eval(result, str(args.plot))
+    out: dict = {}
+    if args.data:
+        examples = _read_examples(args.data)[: args.limit]
+        result = evaluate(router, examples, latency_queries=args.latency_queries)
+        if args.plot:
+            plot_eval(result, str(args.plot))
+        out = {k: v for k, v in result.items() if k != "reliability"}
+        if not args.json:
+            print_eval(router, result, len(examples))
+    if args.loso:
+        loso = run_loso(router, args.loso_per_source, quick=args.loso_quick)
+        out["loso"] = {k: v for k, v in loso.items() if k != "reliability"}
+        if not args.json:
+            print_loso(loso)
     if args.json:
-        print_json({k: v for k, v in result.items() if k != "reliability"})
-        return 0
+        print_json(out)
+    return 0
+
+
+def run_loso(router: Router, per_source: int, quick: bool = False) -> dict:
+    """LOSO over the packaged corpus with ``router``'s encoder spec, head recipe and threshold."""
+    from meswitch.router.corpus import QUICK_SOURCES
+    from meswitch.router.loso import HeadRecipe, corpus_loso
+
+    cfg = router.config.training.get("config") or {}
+    home = [d for d in router.config.domains if router.config.domain_map[d] == router.config.fallback]
+    recipe = HeadRecipe(kind=router.config.head if router.config.head in ("mlp", "linear") else "mlp",
+                        hidden=int(cfg.get("hidden", 128)), epochs=int(cfg.get("epochs", 40)),
+                        threshold=router.config.threshold, fallback_domain=home[0] if home else "general",
+                        seed=int(cfg.get("seed", 0)))
+    return corpus_loso(per_source, sources=QUICK_SOURCES if quick else None, encoder_spec=router.config.encoder,
+                       recipe=recipe, progress=False)
+
+
+def print_eval(router: Router, result: dict, n: int) -> None:
+    """Accuracy per domain and per source, calibration, risk-coverage and latency of ``evaluate``."""
+    from meswitch.cli.render import print_table
+
     experts = list(next(iter(result["confusion"].values())))
-    print_table(f"router ({router.kind}) on {len(examples)} queries: rows = true domain, columns = expert",
+    print_table(f"router ({router.kind}) on {n} queries: rows = true domain, columns = expert",
                 ["domain", "accuracy", *experts],
                 [[d, result["per_domain"][d], *result["confusion"][d].values()] for d in result["per_domain"]])
+    if len(result["per_source"]) > 1 or "" not in result["per_source"]:
+        print_table("accuracy per source", ["source", "queries", "accuracy"],
+                    [[s or "(none)", r["n"], r["accuracy"]] for s, r in result["per_source"].items()])
     print(f"macro accuracy {result['accuracy']:.4f} (top-1 domain {result['top1_accuracy']:.4f}), "
           f"ECE {result['ece']:.4f}, fallback rate {result['fallback_rate']:.4f}")
+    print_risk_coverage(result["risk_coverage"])
     if "latency_ms_p50" in result:
         print(f"latency at batch 1: p50 {result['latency_ms_p50']:.1f} ms, p99 {result['latency_ms_p99']:.1f} ms; "
               f"throughput at batch 64: {result['throughput_qps_b64']:.0f} queries/s")
     if result["unknown_domains"]:
         print(f"domains with no expert (counted as errors): {', '.join(result['unknown_domains'])}")
-    return 0
+
+
+def print_risk_coverage(rows: list[dict]) -> None:
+    """One line per coverage level: keep the most confident c%, their accuracy, the threshold that does it."""
+    from meswitch.cli.render import print_table
+
+    print_table("risk-coverage: the most confident c% of queries (threshold = lowest confidence kept)",
+                ["coverage %", "threshold", "accuracy"],
+                [[int(r["coverage"]), round(r["threshold"], 4), r["accuracy"]] for r in rows])
+
+
+def print_loso(loso: dict) -> None:
+    """The leave-one-source-out table, its worst source and macro, calibration and risk-coverage."""
+    from meswitch.cli.render import print_table
+    from meswitch.router.loso import loso_table
+
+    print_table(f"leave-one-source-out: {len(loso['per_source'])} sources, up to {loso['per_source_cap']} each "
+                "(trained without the source, tested on it)",
+                ["held-out source", "domain", "n", "accuracy", "top-1", "ECE"], loso_table(loso))
+    print(f"LOSO worst source {loso['worst']['source']} {loso['worst']['accuracy']:.4f}, macro over sources "
+          f"{loso['macro']:.4f} ({', '.join(f'{d} {v:.4f}' for d, v in loso['macro_by_domain'].items())}), "
+          f"ECE on held-out sources {loso['ece']:.4f}")
+    print_risk_coverage(loso["risk_coverage"])
 
 
 def cmd_route(args: argparse.Namespace) -> int:

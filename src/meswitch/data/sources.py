@@ -20,6 +20,7 @@ import random
 import re
 import sysconfig
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 from meswitch.data.examples import Example
@@ -100,11 +101,16 @@ def _stdlib_functions(path: Path) -> list[Example]:
 
 def stdlib_examples() -> list[Example]:
     """Documented top-level functions of the standard library: signature + docstring -> source."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return list(_stdlib_parsed(sysconfig.get_paths()["stdlib"]))
+
+
+@lru_cache(maxsize=2)
+def _stdlib_parsed(root: str) -> tuple[Example, ...]:
+    """Parsed once per process: the standard library does not change under a running program."""
     out: list[Example] = []
-    for path in sorted(root.glob("*.py")):
+    for path in sorted(Path(root).glob("*.py")):
         out.extend(_stdlib_functions(path))
-    return out
+    return tuple(out)
 
 
 # -------------------------------------------------------------------------------------- general

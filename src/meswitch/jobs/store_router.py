@@ -29,8 +29,8 @@ def train_default_router(store_path: Path, progress: bool = False) -> Router:
     """Train, save and activate the router ``meswitch router train STORE`` makes with its defaults.
 
     The ``minilm`` encoder and an MLP head (``RouterTrainConfig()``), trained on the zoo text the
-    store's base came from plus the broad styles (``default_training_examples``), each domain routed
-    to the expert of the same name.
+    store's base came from plus the packaged multi-source corpus (``default_training_examples``),
+    each domain routed to the expert of the same name.
     """
     from meswitch.router.train import RouterTrainConfig, default_training_examples, train_router
     from meswitch.store import DeltaStore

@@ -5,6 +5,7 @@ Shapes: ``N`` texts, ``C`` domains.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,7 +16,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100
     """The ``T > 0`` minimising the cross-entropy of ``softmax(logits / T)`` on ``labels``.
 
     logits: ``[N, C]``, labels: ``[N]``. Optimised over ``log T`` (so T stays positive) with LBFGS,
-    starting from 1; clamped to [0.05, 20] so a perfectly separated split cannot send it to 0.
+    starting from 1; clamped to [0.05, 20] so a perfectly separated split cannot send it to 0. If
+    LBFGS ends on a non-finite value, the best of 61 log-spaced values in [0.05, 20] is taken.
     """
     import torch
 
@@ -30,7 +32,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    t = float(log_t.detach().exp().clamp(0.05, 20.0))
+    if math.isfinite(t):
+        return t
+    # LBFGS can step into overflow on a tiny, perfectly separated split: take the best T on a grid instead
+    grid = torch.logspace(math.log10(0.05), math.log10(20.0), 61)
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits / g, labels) for g in grid])
+    return float(grid[int(torch.nan_to_num(losses, nan=float("inf")).argmin())])
 
 
 def reliability(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> list[dict[str, float]]:

@@ -1,11 +1,14 @@
 """Labelled text for the router: training mixes and out-of-source evaluation sets.
 
 Training text is the zoo's training split (``{"text", "domain"}`` lines) plus, with ``broad=True``,
-other *styles* a user writes in: math as short competition problems (some reasoning-gym generators),
-code as a bare stub with a docstring (CPython stdlib) or a task in prose without a preamble (CodeIO),
-general requests with a formatting constraint attached.
+the multi-source router corpus (``meswitch.router.corpus``) and two styles made from the zoo's text
+(bare stubs, short math questions); ``corpus=False`` gives the previous broad styles instead: math
+as short competition problems (some reasoning-gym generators), code as a bare stub with a docstring
+(CPython stdlib) or a task in prose without a preamble (CodeIO), general requests with a formatting
+constraint attached.
 
-Out-of-source sets are built from material the router never trains on, under either mix:
+Out-of-source sets are built from material the previous broad mix never trains on (the corpus
+does draw from these sources; leave-one-source-out, ``meswitch.router.loso``, replaces them):
 
 - ``math_competition``: reasoning-gym generators disjoint from ``TRAIN_MATH_GENERATORS``;
 - ``code_stubs``: bare ``def`` + docstring stubs of third-party packages in site-packages (not stdlib);
@@ -134,7 +137,34 @@ def _sharegpt_records(skip_bytes: int = 0) -> Iterator[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------ training mixes
-def broad_training_examples(train: list[Example], n_per_style: int, seed: int) -> list[Example]:
+def corpus_per_source(n_per_style: int) -> int:
+    """How many examples of each corpus source the broad mix takes for a zoo-derived ``n_per_style``."""
+    return max(12, n_per_style // 3)
+
+
+def broad_training_examples(train: list[Example], n_per_style: int, seed: int, corpus: bool = True) -> list[Example]:
+    """Text in styles and from sources the zoo's text lacks.
+
+    With ``corpus`` (the default): the packaged router corpus (``meswitch.router.corpus.build_corpus``,
+    29 sources over the three domains, ``corpus_per_source(n_per_style)`` of each), plus two styles
+    made from ``train`` itself: the zoo's stdlib prompts without their preamble (bare stubs; not
+    CodeIO's, whose task prose without "Write a Python program" reads as a math or science question),
+    and short math questions (a word problem's final question, a generator question's first line).
+    Without it: the previous broad mix (``previous_broad_examples``).
+    """
+    if not corpus:
+        return previous_broad_examples(train, n_per_style, seed)
+    from meswitch.router.corpus import build_corpus
+
+    rng = random.Random(seed)
+    stubs = [e for e in train if e.domain == "code" and "\n\n" in e.text and e.source.startswith("cpython")]
+    bare = [Example(e.text.split("\n\n", 1)[1], "code", "", f"{e.source}+bare") for e in stubs]
+    rng.shuffle(bare)
+    out = bare[: 2 * n_per_style] + short_math_questions(train, n_per_style, seed)
+    return out + build_corpus(corpus_per_source(n_per_style), seed)
+
+
+def previous_broad_examples(train: list[Example], n_per_style: int, seed: int) -> list[Example]:
     """Styles the zoo's text lacks, made only from ``train`` itself, training-side generators and
     meswitch's own templates (``meswitch.router.augment``).
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from meswitch.data.examples import Example
 from meswitch.router.calibrate import expected_calibration_error, reliability
 from meswitch.router.errors import RouterDataError
+from meswitch.router.loso import risk_coverage
 
 if TYPE_CHECKING:
     from meswitch.router.router import RouteDecision, Router
@@ -22,10 +23,13 @@ FALLBACK_COLUMN = "(fallback)"
 
 
 def score_decisions(router: Router, examples: Sequence[Example], decisions: Sequence[RouteDecision]) -> dict[str, Any]:
-    """Accuracy, per-domain accuracy, confusion (true domain -> chosen expert), ECE, fallback rate.
+    """Accuracy, per-domain and per-source accuracy, confusion (true domain -> chosen expert), ECE,
+    fallback rate and the risk-coverage curve.
 
     ``ece`` is over the calibrated top-domain confidence against "the top domain is the true one",
-    on the queries whose domain the router knows. ``top1_accuracy`` ignores the threshold.
+    on the queries whose domain the router knows; ``risk_coverage`` (``meswitch.router.loso``) is
+    the top-1 accuracy of the most confident c% of those queries. ``top1_accuracy`` ignores the
+    threshold. ``per_source``: routed accuracy per ``Example.source`` (examples without one under "").
     """
     import torch
 
@@ -36,10 +40,12 @@ def score_decisions(router: Router, examples: Sequence[Example], decisions: Sequ
     hits: dict[str, list[bool]] = {d: [] for d in domains}
     top1: dict[str, list[bool]] = {d: [] for d in domains}
     conf, correct = [], []
+    by_source: dict[str, list[bool]] = {}
     for e, dec in zip(examples, decisions, strict=True):
         want = mapping.get(e.domain)
         confusion[e.domain][dec.expert] += 1
         hits[e.domain].append(want is not None and dec.expert == want)
+        by_source.setdefault(e.source, []).append(hits[e.domain][-1])
         top1[e.domain].append(want is not None and dec.domain == e.domain)
         if e.domain in mapping and dec.top_k:
             conf.append(dec.confidence)
@@ -50,11 +56,13 @@ def score_decisions(router: Router, examples: Sequence[Example], decisions: Sequ
         "queries": len(examples),
         "accuracy": sum(per_domain.values()) / len(per_domain),
         "per_domain": per_domain,
+        "per_source": {s: {"n": len(v), "accuracy": sum(v) / len(v)} for s, v in sorted(by_source.items())},
         "top1_accuracy": sum(sum(v) / len(v) for v in top1.values()) / len(top1),
         "unknown_domains": sorted(d for d in domains if d not in mapping),
         "confusion": confusion,
         "ece": expected_calibration_error(c, k),
         "reliability": reliability(c, k),
+        "risk_coverage": risk_coverage(conf, correct),
         "fallback_rate": sum(d.fallback for d in decisions) / len(decisions),
     }
 
@@ -94,14 +102,25 @@ def evaluate(router: Router, examples: Sequence[Example], latency_queries: int =
     return out
 
 
+def plot_risk_coverage(ax: Any, curves: dict[str, list[dict[str, float]]], title: str = "risk-coverage") -> None:
+    """Accuracy of the most confident c% against c, one line per curve, on a matplotlib axis."""
+    for label, rc in curves.items():
+        ax.plot([r["coverage"] for r in rc], [r["accuracy"] for r in rc], "o-", label=label)
+    lows = [r["accuracy"] for rc in curves.values() for r in rc]
+    ax.set(xlabel="coverage: % of queries routed by confidence (rest to the fallback)", ylabel="accuracy",
+           xlim=(5, 102), ylim=(min(0.9, min(lows, default=0.9) - 0.02), 1.005), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_eval(result: dict[str, Any], path: str) -> None:
-    """A reliability diagram and the confusion matrix side by side, as a PNG."""
+    """A reliability diagram, the confusion matrix and the risk-coverage curve side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
     rel = result["reliability"]
     a.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     a.bar([r["confidence"] for r in rel], [r["accuracy"] for r in rel], width=1 / 15, alpha=0.6, edgecolor="k")
@@ -117,6 +136,7 @@ def plot_eval(result: dict[str, Any], path: str) -> None:
     for i, row in enumerate(m):
         for j, v in enumerate(row):
             b.text(j, i, str(v), ha="center", va="center")
+    plot_risk_coverage(c, {"top-1 domain": result["risk_coverage"]})
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

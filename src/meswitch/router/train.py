@@ -178,10 +178,11 @@ def _conf_correct(logits: Any, y: Any) -> tuple[Any, Any]:
 
 
 def default_training_examples(store: DeltaStore, zoo: Path | None = None, broad: bool = True,
-                              n_per_style: int | None = None, seed: int = 0) -> list[Example]:
+                              n_per_style: int | None = None, seed: int = 0, corpus: bool = True) -> list[Example]:
     """The zoo's training text for ``store`` (the zoo its base came from, or ``zoo``), plus, with
-    ``broad``, the extra styles of ``meswitch.router.data.broad_training_examples`` (``n_per_style``
-    each; default a twelfth of the zoo's text, 32..400)."""
+    ``broad``, the text of ``meswitch.router.data.broad_training_examples``: with ``corpus`` the
+    packaged multi-source corpus (a third of ``n_per_style`` per source), else the previous broad
+    styles (``n_per_style`` each). ``n_per_style`` defaults to a twelfth of the zoo's text, 32..400."""
     from meswitch.data.examples import read_jsonl
     from meswitch.router.data import broad_training_examples
     from meswitch.zoo.build import ZooPaths
@@ -196,4 +197,4 @@ def default_training_examples(store: DeltaStore, zoo: Path | None = None, broad:
     if not broad:
         return train
     n = n_per_style or max(32, min(400, len(train) // 12))
-    return train + broad_training_examples(train, n, seed)
+    return train + broad_training_examples(train, n, seed, corpus)
