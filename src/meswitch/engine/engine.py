@@ -240,7 +240,6 @@ class Engine:
         slices = []
         ids: list[int] = []
         rows: list[int] = []  # the token rows whose logits the forward returns: every sequence's last ...
-        out_experts: list[int] = []
         scored: list[tuple[_Seq, int]] = []  # ... and every position of prefills that score their prompt
         last: list[int] = []  # per sequence, the index in rows of its last token
         for s in step:
@@ -257,13 +256,14 @@ class Engine:
             else:
                 rows.append(len(ids) - 1)
             last.append(len(rows) - 1)
-            out_experts.extend([s.expert] * (len(rows) - len(out_experts)))
         self.cache.reserve(min(max(sl.start + sl.n for sl in slices) + 1, self.cache.max_len))
         device = self.model.device
         batch = StepBatch.build(slices, device)
-        if scored:
+        if scored:  # each output row's expert: sequence i owns rows last[i-1]+1 .. last[i]
+            ends = [-1, *last]
+            row_experts = tuple(q.expert for i, q in enumerate(step) for _ in range(ends[i + 1] - ends[i]))
             batch = _RowsBatch(batch.seqs, batch.segments, batch.expert_rows, batch.positions,
-                               torch.tensor(rows, device=device), tuple(out_experts))
+                               torch.tensor(rows, device=device), row_experts)
         logits = self.model(torch.tensor(ids, device=device), batch, self.cache)  # [R, V], R = len(rows)
         if scored:
             for s, r0 in scored:

@@ -64,6 +64,7 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
 
     adapter_dirs = {name: Path(d) for name, d in experts.items() if is_adapter(Path(d))}
     base_layout = read_layout(Path(base_dir))
+    layouts = {}  # expert name -> its checked layout, read once
     for name, exp_dir in experts.items():
         check_name(name)  # fail before minutes of work, not after
         if name in adapter_dirs:
@@ -71,10 +72,11 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
         if not (Path(exp_dir) / "config.json").is_file():
             raise MeswitchError(f"expert {name!r}: {exp_dir} has no config.json (a Hugging Face checkpoint) and no "
                                 "adapter_config.json (a PEFT LoRA adapter)")
-        check_expert_layout(base_layout, read_layout(Path(exp_dir)), name)
+        layouts[name] = read_layout(Path(exp_dir))
+        check_expert_layout(base_layout, layouts[name], name)
         if calib is None or (isinstance(calib, Mapping) and name not in calib):
             raise MeswitchError(f"no calibration text for expert {name!r}")
-    base, tok = load_checkpoint(base_dir)
+    base, tok = load_checkpoint(base_dir, layout=base_layout)
     adapters = {name: read_adapter(d, base, Path(base_dir)) for name, d in adapter_dirs.items()}
     store = DeltaStore.create(store_path, fingerprint_model(base), base_info(base))
     store.set_extra("base_path", str(Path(base_dir).resolve()))
@@ -86,8 +88,8 @@ def compress_into_store(base_dir: Path, experts: dict[str, Path], store_path: Pa
             results[name] = info
             continue
         if base is None:  # compression edits the base in place: a fresh copy per expert
-            base, tok = load_checkpoint(base_dir)
-        expert = load_model(exp_dir)  # the base's tokenizer is the expert's (same vocabulary, checked)
+            base, tok = load_checkpoint(base_dir, layout=base_layout)
+        expert = load_model(exp_dir, layout=layouts[name])  # the base's tokenizer is the expert's (same vocabulary, checked)
         layers, meta, info = compress_expert(base, expert, tok, calib[name] if isinstance(calib, Mapping) else calib,
                                              cfg)
         info["reference_path"] = str(Path(exp_dir).resolve())

