@@ -204,12 +204,16 @@ def test_reader_names_unpermutes_ties_and_reports_k_quants(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def transformers_weights() -> dict[str, torch.Tensor]:
-    """What transformers loads from the packaged GGUF, dequantized to float32 (the served base today)."""
-    from meswitch.model.checkpoint import load_packaged_base
+def transformers_weights(small_zoo) -> dict[str, torch.Tensor]:
+    """What transformers loaded from the packaged GGUF, dequantized to float32 (the served base today): the
+    zoo's source checkpoint, which ``load_packaged_base`` wrote once (the small zoo fixture ensures it)."""
+    from safetensors.torch import load_file
 
-    model, _ = load_packaged_base()
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    from meswitch.zoo.build import source_base_dir
+
+    weights = {k: v for f in sorted(source_base_dir().glob("*.safetensors")) for k, v in load_file(f).items()}
+    weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])  # tied: saved once
+    return weights
 
 
 def test_every_q4_1_and_q8_0_tensor_of_the_packaged_gguf_is_transformers_weight_bit_for_bit(transformers_weights):
