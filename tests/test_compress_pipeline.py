@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -270,6 +271,26 @@ def test_block_checkpointing_leaves_distillation_unchanged():
     assert all(torch.equal(tuned[n], kept[n]) for n in kept)
     assert not any(torch.equal(t, torch.zeros_like(t)) for t in tuned.values())  # the gains did move
     assert "forward" not in vars(base.model.layers[0])  # the blocks are plain again
+
+
+def test_blocks_without_a_target_token_are_skipped_not_scored_as_nan():
+    from meswitch.compress.calib import linear_names
+    from meswitch.compress.distill import attach, distill
+
+    base = tiny_llama(layers=2)
+    expert = perturbed(base, 3, rel=0.3)
+    student = copy.deepcopy(base)
+    layers, meta = {}, {}
+    for n in linear_names(base):
+        layers[n], meta[n] = encode_delta(expert.get_submodule(n).weight - base.get_submodule(n).weight, "rtn", 2)
+    attach(student, layers, meta)
+    ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:2] = False  # the first batch of two blocks is all prompt: nothing to score
+    losses = distill(student, expert, ids, mask, 2, 0.05)
+    assert all(math.isfinite(x) for x in losses) and len(losses) == 2
+    with pytest.raises(ValueError, match="has a token to score"):
+        distill(student, expert, ids, torch.zeros_like(mask), 1, 0.05)
 
 
 def test_chunked_kl_matches_the_whole_vocabulary_at_once():

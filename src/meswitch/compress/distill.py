@@ -174,7 +174,8 @@ def distill(
 ) -> list[float]:
     """Minimise mean per-token KL(teacher || student) over the student's grid parameters.
 
-    blocks, masks: ``[B, L]`` calibration ids and the positions to score. checkpoint_blocks: recompute
+    blocks, masks: ``[B, L]`` calibration ids and the positions to score (blocks with none are skipped: their
+    KL would be a mean over nothing). checkpoint_blocks: recompute
     each decoder block's activations in backward (:func:`checkpointed_blocks`; same gradients, less
     memory, slower). Returns per-step losses.
     """
@@ -187,6 +188,10 @@ def distill(
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    keep = masks[:, 1:].any(dim=1)  # a block with no target token (a long prompt, say) has no KL to take
+    if not keep.any():
+        raise ValueError(f"none of the {len(blocks)} calibration blocks has a token to score")
+    blocks, masks = blocks[keep], masks[keep]
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
     bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True)
