@@ -14,7 +14,7 @@ import torch
 from meswitch.compress.config import CompressConfig
 from meswitch.data.examples import write_jsonl
 from meswitch.data.sources import domain_examples
-from meswitch.jobs.zoo_store import build_zoo_store, up_to_date
+from meswitch.jobs.zoo_store import build_zoo_store, up_to_date, zoo_compress_config
 from meswitch.store import DeltaStore
 
 INFO = {"architecture": "LlamaForCausalLM", "model_type": "llama", "hidden_size": 64,
@@ -64,7 +64,8 @@ def test_the_zoo_store_compresses_only_the_experts_it_lacks(small_zoo, tmp_path,
     from meswitch.zoo.build import ZooPaths
 
     paths = ZooPaths(Path(small_zoo["paths"]["base"]).parent)
-    cfg = CompressConfig()
+    cfg = zoo_compress_config("small")  # the small zoo's own, lighter recipe
+    assert cfg.method == CompressConfig().method and cfg.budget == CompressConfig().budget
     store = tmp_path / "store"
     tiny_store(store, {"math": {"config": asdict(cfg), "reference_path": str(paths.expert("math").resolve())}})
     calls = []
