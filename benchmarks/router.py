@@ -320,6 +320,232 @@ def plot_loso(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class _Keyed:
+    """An encoder whose cache key also names the store (the base-model encoders' specs do not)."""
+
+    def __init__(self, encoder, store_key: str):
+        self.encoder, self.store_key = encoder, store_key
+
+    def spec(self) -> dict:
+        return {**self.encoder.spec(), "store": self.store_key}
+
+    def encode(self, texts, batch_size: int = 8, progress: bool = False):
+        return self.encoder.encode(texts, progress=progress)
+
+
+def lik_token_logprobs(enc, texts: list[str], key: str):
+    """``[N, E + 1, max_tokens]`` per-token log-probabilities (NaN past a text's end), cached under ``key``."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from meswitch.paths import cache_root
+
+    digest = hashlib.sha256(json.dumps([key, enc.spec(), texts]).encode()).hexdigest()[:16]
+    path = cache_root() / "router-features" / f"lik-{digest}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["lp"]
+    per_text, errors = enc.token_logprobs(texts, progress=True)
+    if errors:
+        raise SystemExit(f"experts could not be scored: {errors}")
+    lp = torch.full((len(texts), len(enc.scored) + 1, enc.max_tokens), float("nan"))
+    for i, t in enumerate(per_text):
+        lp[i, :, : t.shape[1]] = t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lp": lp}, str(path))
+    return lp
+
+
+def lik_features(lp, enc, domains: list[str], n: int):
+    """``[N, C]`` expert-lik features over the first ``n`` tokens, from ``lik_token_logprobs``'s tensor."""
+    mean = lp[:, :, :n].nanmean(-1)  # [N, E + 1]
+    cols = [enc.scored.index(e) for e in enc.experts]
+    return mean[:, cols] - mean[:, -1:]
+
+
+def ensemble_loso(examples: list, x_a, x_b, recipe, domains: list[str]) -> dict:
+    """LOSO of ``softmax(a * log p_minilm + b * log p_lik)``: per held-out source, an MLP head on ``x_a`` and a
+    bias on the scores ``x_b`` (each with its temperature) on the other sources, then ``(a, b)`` fitted by
+    cross-entropy on a stratified 15% of those sources that neither head trained on."""
+    import torch
+
+    from meswitch.router.calibrate import expected_calibration_error, reliability
+    from meswitch.router.head import head_logits
+    from meswitch.router.loso import HeadRecipe, fit_head, risk_coverage
+    from meswitch.router.train import stratified_split
+
+    y = torch.tensor([domains.index(e.domain) for e in examples])
+    fallback = domains.index(recipe.fallback_domain)
+    per_source, confs, hits = {}, [], []
+    for s in sorted({e.source for e in examples}):
+        test = torch.tensor([i for i, e in enumerate(examples) if e.source == s])
+        rest = torch.tensor([i for i, e in enumerate(examples) if e.source != s])
+        fit_i, val_i = (rest[torch.tensor(v)] for v in stratified_split(y[rest].tolist(), 0.15, recipe.seed))
+        ha, ta = fit_head(x_a[fit_i], y[fit_i], len(domains), recipe)
+        hb, tb = fit_head(x_b[fit_i], y[fit_i], len(domains), HeadRecipe(kind="scores"))
+
+        def logps(idx, ha=ha, ta=ta, hb=hb, tb=tb):
+            with torch.no_grad():
+                return (torch.log_softmax(head_logits(ha, x_a[idx]) / ta, -1),
+                        torch.log_softmax(head_logits(hb, x_b[idx]) / tb, -1))
+
+        la, lb = logps(val_i)
+        w = torch.ones(2, requires_grad=True)
+        opt = torch.optim.LBFGS([w], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure(la=la, lb=lb, w=w, opt=opt, val_i=val_i):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(w[0] * la + w[1] * lb, y[val_i])
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        ta_, tb_ = logps(test)
+        probs = torch.softmax(w.detach()[0] * ta_ + w.detach()[1] * tb_, -1)
+        conf, pred = probs.max(-1)
+        routed = torch.where(conf < recipe.threshold, torch.full_like(pred, fallback), pred)
+        hit = pred == y[test]
+        per_source[s] = {"domain": examples[int(test[0])].domain, "n": len(test),
+                         "accuracy": float((routed == y[test]).float().mean()),
+                         "top1_accuracy": float(hit.float().mean()), "ece": expected_calibration_error(conf, hit),
+                         "weights": w.detach().tolist()}
+        confs += conf.tolist()
+        hits += hit.tolist()
+    worst = min(per_source, key=lambda k: per_source[k]["accuracy"])
+    c, k = torch.tensor(confs), torch.tensor(hits)
+    by_domain = {d: [r["accuracy"] for r in per_source.values() if r["domain"] == d] for d in domains}
+    return {"per_source": per_source, "worst": {"source": worst, "accuracy": per_source[worst]["accuracy"]},
+            "macro": sum(r["accuracy"] for r in per_source.values()) / len(per_source),
+            "macro_by_domain": {d: sum(v) / len(v) for d, v in by_domain.items() if v},
+            "ece": expected_calibration_error(c, k), "reliability": reliability(c, k),
+            "risk_coverage": risk_coverage(confs, hits)}
+
+
+def batch1_latency(router, texts: list[str]) -> dict:
+    """p50/p95 wall time of ``router.route([text])``, one text at a time, after one warm-up call."""
+    import statistics
+
+    router.route([texts[0]])
+    times = []
+    for t in texts:
+        t0 = time.perf_counter()
+        router.route([t])
+        times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    return {"p50_ms": statistics.median(times), "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))],
+            "n": len(times)}
+
+
+def lik_main(args: argparse.Namespace) -> None:
+    """``--lik``: every encoder leave-one-source-out on the corpus, with the store's experts; router_lik.*."""
+    import torch
+
+    from meswitch.router.corpus import build_corpus
+    from meswitch.router.encoders import build_encoder, clean_text, default_spec
+    from meswitch.router.likelihood import ExpertLikelihoodEncoder
+    from meswitch.router.loso import HeadRecipe, encode_cached, leave_one_source_out, score_fixed_head
+    from meswitch.router.router import load_store_base
+    from meswitch.router.train import RouterTrainConfig, resolve_domain_map, train_router
+    from meswitch.store import DeltaStore
+
+    torch.set_num_threads(args.threads)
+    store = DeltaStore.open(args.store)
+    key = store.base["fingerprint"][:16] + ":" + ",".join(f"{e}={store.expert_meta(e)['sha256'][:8]}"
+                                                          for e in store.experts)
+    corpus = [e for e in build_corpus(args.per_source, seed=0) if clean_text(e.text)]
+    texts = [clean_text(e.text) for e in corpus]
+    domains = sorted({e.domain for e in corpus})
+    mapping = resolve_domain_map(domains, store.experts, {})
+    print(f"corpus: {len(corpus)} texts, {len({e.source for e in corpus})} sources", file=sys.stderr, flush=True)
+    base = load_store_base(store)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = time.perf_counter() - t0
+        print(f"{name}: {timings[name]:.0f} s", file=sys.stderr, flush=True)
+        return out
+
+    x = {"minilm": timed("minilm", lambda: encode_cached(build_encoder(default_spec("minilm"), domains), texts,
+                                                          progress=True))}
+    x["base-probe"] = timed("base-probe", lambda: encode_cached(
+        _Keyed(build_encoder(default_spec("base-probe"), domains, base), key), texts, progress=True))
+    x["llm-choice"] = timed("llm-choice", lambda: encode_cached(
+        _Keyed(build_encoder(default_spec("llm-choice"), domains, base), key), texts, progress=True))
+    lik = ExpertLikelihoodEncoder(store, base, [mapping[d] for d in domains], max_tokens=max(args.lik_tokens))
+    lp = timed("expert-lik", lambda: lik_token_logprobs(lik, texts, key))
+    mlp, scores = HeadRecipe(), HeadRecipe(kind="scores")
+    results: dict[str, dict] = {}
+    results["minilm"] = leave_one_source_out(corpus, x["minilm"], mlp)
+    results["base-probe"] = leave_one_source_out(corpus, x["base-probe"], mlp)
+    results["llm-choice"] = leave_one_source_out(corpus, x["llm-choice"], scores)
+    for n in args.lik_tokens:
+        results[f"expert-lik ({n} tokens)"] = leave_one_source_out(corpus, lik_features(lp, lik, domains, n), scores)
+    n_def = args.lik_default_tokens
+    xl = lik_features(lp, lik, domains, n_def)
+    ident = {"mu": torch.zeros(len(domains)), "sigma": torch.ones(len(domains)), "w": torch.eye(len(domains)),
+             "b": torch.zeros(len(domains))}
+    results[f"expert-lik ({n_def} tokens, nothing fitted)"] = score_fixed_head(corpus, xl, ident, 1.0, domains, mlp)
+    results[f"minilm+lik (one head, {n_def} tokens)"] = leave_one_source_out(corpus, torch.cat([x["minilm"], xl], 1), mlp)
+    results[f"ensemble minilm x expert-lik ({n_def} tokens)"] = ensemble_loso(corpus, x["minilm"], xl, mlp, domains)
+
+    # batch-1 latency of each router kind as saved and loaded (heads trained on a slice of the corpus)
+    lat_texts = texts[:: max(1, len(texts) // args.latency_queries)][: args.latency_queries]
+    latency = {}
+    sample = corpus[::7]
+    for kind in ("minilm", "base-probe", "llm-choice", "expert-lik", "minilm+lik"):
+        cfg = RouterTrainConfig(encoder=kind, epochs=5, max_tokens=n_def if "lik" in kind else None)
+        router = train_router(store, sample, cfg, base=base)
+        latency[kind] = batch1_latency(router, lat_texts)
+        print(f"latency {kind}: {latency[kind]}", file=sys.stderr, flush=True)
+        del router
+        gc.collect()
+    out = {"store": str(args.store), "experts": store.experts, "per_source_cap": args.per_source,
+           "corpus_size": len(corpus), "threads": args.threads, "encode_s": timings, "latency": latency,
+           "results": {k: {kk: vv for kk, vv in v.items() if kk != "reliability"} for k, v in results.items()},
+           "lik_default_tokens": n_def}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "router_lik.json").write_text(json.dumps(out, indent=2, default=float))
+    md = lik_markdown(out)
+    (args.out / "router_lik.md").write_text(md)
+    print(md)
+
+
+def lik_markdown(out: dict) -> str:
+    res, lat = out["results"], out["latency"]
+    names = list(res)
+    lat_of = {n: lat.get(n.split(" ")[0]) for n in names}
+    lines = [f"Routers leave-one-source-out on the packaged corpus ({out['corpus_size']} texts, up to "
+             f"{out['per_source_cap']} per source), experts of `{out['store']}`, {machine()}, "
+             f"{out['threads']} torch thread(s)", "",
+             "| router | LOSO macro | worst source | code | general | math | ECE | p50 ms | p95 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        r = res[n]
+        by = r.get("macro_by_domain") or {}
+        if not by:
+            doms = {}
+            for v in r["per_source"].values():
+                doms.setdefault(v["domain"], []).append(v["accuracy"])
+            by = {d: sum(v) / len(v) for d, v in doms.items()}
+        la = lat_of[n] or {}
+        lines.append(f"| {n} | {r['macro']:.3f} | {r['worst']['accuracy']:.3f} ({r['worst']['source']}) | "
+                     f"{by.get('code', 0):.3f} | {by.get('general', 0):.3f} | {by.get('math', 0):.3f} | {r['ece']:.3f} | "
+                     + (f"{la['p50_ms']:.1f} | {la['p95_ms']:.1f} |" if la else "- | - |"))
+    lines += ["", "Latency: `router.route([text])` at batch 1, one router of each kind (minilm+lik for the combined "
+              "rows, expert-lik for every expert-lik row at the default token count).", "",
+              "| held-out source | domain | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    first = res[names[0]]["per_source"]
+    for s, r in sorted(first.items(), key=lambda kv: (kv[1]["domain"], kv[0])):
+        lines.append(f"| {s} | {r['domain']} | {r['n']} | " + " | ".join(f"{res[n]['per_source'][s]['accuracy']:.3f}"
+                                                                       for n in names) + " |")
+    lines.append("")
+    lines.append("Encoding the corpus once (s): " + ", ".join(f"{k} {v:.0f}" for k, v in out["encode_s"].items()))
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", type=Path, default=Path.home() / ".cache/meswitch/stores/full")
@@ -334,7 +560,14 @@ def main() -> None:
     ap.add_argument("--loso", action="store_true", help="leave-one-source-out before/after (needs no store)")
     ap.add_argument("--per-source", type=int, default=123,
                     help="--loso: corpus examples per source (default 123: what the default recipe takes for the full zoo)")
+    ap.add_argument("--lik", action="store_true", help="the likelihood router against the others (router_lik.*)")
+    ap.add_argument("--lik-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[16, 32, 48],
+                    help="--lik: expert-lik over the first N tokens, for each N (default 16,32,48)")
+    ap.add_argument("--lik-default-tokens", type=int, default=32, help="--lik: N of the combined rows and latency")
     args = ap.parse_args()
+    if args.lik:
+        lik_main(args)
+        return
     if args.loso:
         loso_main(args)
         return

@@ -12,7 +12,7 @@ from meswitch.errors import MeswitchError
 if TYPE_CHECKING:
     from meswitch.router import Router
 
-ENCODERS = ("minilm", "base-probe", "llm-choice")
+ENCODERS = ("minilm", "base-probe", "llm-choice", "expert-lik", "minilm+lik")  # meswitch.router.encoders.ENCODERS
 
 
 def _map_arg(value: str) -> tuple[str, str]:
@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="below this calibrated confidence the fallback expert is used (default 0.5)")
     p.add_argument("--max-per-domain", type=int, help="subsample each domain (useful for the slow encoders)")
     p.add_argument("--layer", type=int, help="base-probe: block whose states are pooled (default 2/3 of the depth)")
-    p.add_argument("--base", type=Path, help="base checkpoint for base-probe/llm-choice (default: the store's)")
+    p.add_argument("--base", type=Path, help="base checkpoint for the base-model encoders (default: the store's)")
     p.add_argument("--no-activate", action="store_true", help="save it, but keep the store's current router active")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", choices=ENCODERS, help="which stored router (default: the active one)")
     p.add_argument("--limit", type=int, help="evaluate the first N lines only")
     p.add_argument("--latency-queries", type=int, default=200, help="queries timed one at a time (default 200)")
-    p.add_argument("--base", type=Path, help="base checkpoint for base-probe/llm-choice (default: the store's)")
+    p.add_argument("--base", type=Path, help="base checkpoint for the base-model encoders (default: the store's)")
     p.add_argument("--plot", type=Path, help="write a reliability + confusion PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -83,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text", nargs="+", help="query text; '-' reads one query from standard input")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--encoder", choices=ENCODERS, help="which stored router (default: the active one)")
-    p.add_argument("--base", type=Path, help="base checkpoint for base-probe/llm-choice (default: the store's)")
+    p.add_argument("--base", type=Path, help="base checkpoint for the base-model encoders (default: the store's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_route)
 
@@ -232,9 +232,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     decisions = router.route(texts, top_k=args.top_k)
     if args.json:
         print_json([{"expert": d.expert, "domain": d.domain, "confidence": d.confidence, "fallback": d.fallback,
-                     "top_k": d.top_k} for d in decisions])
+                     "top_k": d.top_k, **({"warnings": list(d.warnings)} if d.warnings else {})} for d in decisions])
         return 0
     rows = [[t[:60].replace("\n", " "), d.expert, d.domain or "-", d.confidence, "yes" if d.fallback else "no",
              ", ".join(f"{n} {p:.3f}" for n, p in d.top_k)] for t, d in zip(texts, decisions, strict=True)]
     print_table(f"routes ({router.kind})", ["text", "expert", "domain", "confidence", "fallback", "top-k"], rows)
+    for w in dict.fromkeys(w for d in decisions for w in d.warnings):
+        print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -90,9 +90,11 @@ class Route:
     domain: str
     confidence: float
     fallback: bool
+    warnings: tuple[str, ...] = ()  # what the router worked around (an expert it could not score, say)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"expert": self.expert, "domain": self.domain, "confidence": self.confidence, "fallback": self.fallback}
+        out = {"expert": self.expert, "domain": self.domain, "confidence": self.confidence, "fallback": self.fallback}
+        return {**out, "warnings": list(self.warnings)} if self.warnings else out
 
 
 @dataclass(frozen=True)

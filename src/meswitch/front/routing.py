@@ -58,7 +58,7 @@ class Front:
             if self.router is None:
                 raise RoutingUnavailableError("expert 'auto' needs a router: train one with `meswitch router train`")
             d = self.router.route([route_text(request)])[0]
-            route = Route(d.expert, d.domain, float(d.confidence), bool(d.fallback))
+            route = Route(d.expert, d.domain, float(d.confidence), bool(d.fallback), tuple(getattr(d, "warnings", ())))
             return route.expert, route
         if name is not None and name not in self.experts:
             raise UnknownModelError(str(name), self.experts, also=ALSO_ACCEPTED)

@@ -12,6 +12,9 @@ Three kinds, one interface (``encode(texts) -> [N, F]`` float32, ``spec()`` for 
   second model; the blocks after ``layer`` are not run.
 - ``llm-choice``: the base model chooses among the domains by likelihood: the features are the mean
   log-probability of the text's tokens after each domain's prefix ("Here is a math problem:"), ``[N, C]``.
+- ``expert-lik`` and ``minilm+lik`` (``meswitch.router.likelihood``): each domain's expert's
+  likelihood of the text against the base's, scored by the engine in one mixed batch; alone
+  ``[N, C]``, or appended to the ``minilm`` features.
 
 Every encoder first cleans its input with ``clean_text``: invalid UTF-8 becomes U+FFFD or "?", and
 a text longer than ``max_chars`` keeps its first ``max_chars`` characters; the tokenizer then keeps
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-ENCODERS = ("minilm", "base-probe", "llm-choice")
+ENCODERS = ("minilm", "base-probe", "llm-choice", "expert-lik", "minilm+lik")
 MAX_CHARS = 4096
 
 
@@ -281,8 +284,10 @@ class LLMChoiceEncoder:
 
 
 # ----------------------------------------------------------------------------------------- build
-def build_encoder(spec: dict[str, Any], domains: Sequence[str], base: tuple[Any, Any] | None = None) -> Encoder:
-    """The encoder ``spec`` describes; ``base`` = (model, tokenizer) for the two base-model kinds."""
+def build_encoder(spec: dict[str, Any], domains: Sequence[str], base: tuple[Any, Any] | None = None,
+                  store: Any = None) -> Encoder:
+    """The encoder ``spec`` describes; ``base`` = (model, tokenizer) for the base-model kinds; ``store``
+    (a ``DeltaStore``) for the likelihood kinds, which score with its experts."""
     s = EncoderSpec.from_dict(spec)
     if s.kind == "minilm":
         return MiniLMEncoder(max_tokens=s.max_tokens, int8=bool(s.options.get("int8", True)),
@@ -291,6 +296,12 @@ def build_encoder(spec: dict[str, Any], domains: Sequence[str], base: tuple[Any,
         raise RouterError(f"unknown encoder {s.kind!r}; expected one of {', '.join(ENCODERS)}")
     if base is None:
         raise RouterError(f"the {s.kind} encoder needs the base model")
+    if s.kind in ("expert-lik", "minilm+lik"):
+        from meswitch.router.likelihood import build_likelihood_encoder
+
+        if store is None:
+            raise RouterError(f"the {s.kind} encoder needs the store whose experts score the text")
+        return build_likelihood_encoder(s, domains, base, store)
     model, tok = base
     if s.kind == "base-probe":
         return BaseProbeEncoder(model, tok, layer=s.options.get("layer"), max_tokens=s.max_tokens)
@@ -304,7 +315,10 @@ def default_spec(kind: str) -> dict[str, Any]:
     """The spec of a fresh encoder of ``kind`` with its default settings (before the base is known)."""
     defaults = {"minilm": EncoderSpec("minilm", 128, {"int8": True, "layers": [4]}),
                 "base-probe": EncoderSpec("base-probe", 64, {}),
-                "llm-choice": EncoderSpec("llm-choice", 48, {"scoring": "channel"})}
+                "llm-choice": EncoderSpec("llm-choice", 48, {"scoring": "channel"}),
+                "expert-lik": EncoderSpec("expert-lik", 48, {}),  # options.experts: set when the domains are known
+                "minilm+lik": EncoderSpec("minilm+lik", 48, {"minilm": EncoderSpec("minilm", 128, {
+                    "int8": True, "layers": [4]}).to_dict()})}
     if kind not in defaults:
         raise RouterError(f"unknown encoder {kind!r}; expected one of {', '.join(ENCODERS)}")
     return defaults[kind].to_dict()

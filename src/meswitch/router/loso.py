@@ -109,7 +109,7 @@ def _read_feature_cache(path: Path) -> tuple[dict[str, int], torch.Tensor | None
 class HeadRecipe:
     """How each LOSO head is trained: as ``RouterTrainConfig`` trains the saved router's head."""
 
-    kind: str = "mlp"
+    kind: str = "mlp"  # mlp | linear | scores (a per-class bias on score features)
     hidden: int = 128
     epochs: int = 40
     val_fraction: float = 0.15
@@ -119,13 +119,19 @@ class HeadRecipe:
 
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, classes: int, recipe: HeadRecipe) -> tuple[dict, float]:
-    """A head on ``x: [N, F]``, ``y: [N]`` and its temperature, fitted on a stratified validation split."""
-    from meswitch.router.head import head_logits, train_head
+    """A head on ``x: [N, F]``, ``y: [N]`` and its temperature, fitted on a stratified validation split.
+
+    ``recipe.kind == "scores"``: features that are already class scores (``llm-choice``, ``expert-lik``)
+    get a per-class bias only (``score_head``)."""
+    from meswitch.router.head import head_logits, score_head, train_head
     from meswitch.router.train import stratified_split
 
     train_idx, val_idx = stratified_split(y.tolist(), recipe.val_fraction, recipe.seed)
-    head = train_head(x[train_idx], y[train_idx], classes, kind=recipe.kind, hidden=recipe.hidden,
-                      epochs=recipe.epochs, seed=recipe.seed)
+    if recipe.kind == "scores":
+        head = score_head(x[train_idx], y[train_idx], classes)
+    else:
+        head = train_head(x[train_idx], y[train_idx], classes, kind=recipe.kind, hidden=recipe.hidden,
+                          epochs=recipe.epochs, seed=recipe.seed)
     return head, fit_temperature(head_logits(head, x[val_idx]).detach(), y[val_idx])
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from meswitch.router.encoders import Encoder, build_encoder, clean_text
 from meswitch.router.errors import CorruptRouterError, RouterError, RouterMismatchError
 from meswitch.router.head import Head, head_kind, head_logits
+from meswitch.router.likelihood import LIKELIHOOD_KINDS
 from meswitch.utils.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -40,13 +41,18 @@ ROUTER_DIR = "router"
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Where one text goes. ``top_k``: the ``k`` most probable domains as ``(domain, probability)``."""
+    """Where one text goes. ``top_k``: the ``k`` most probable domains as ``(domain, probability)``.
+
+    ``warnings``: what went wrong on the way without stopping the decision (a likelihood router that
+    could not load an expert routes among the others and says so here).
+    """
 
     expert: str
     domain: str
     confidence: float
     fallback: bool
     top_k: list[tuple[str, float]]
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,11 +111,36 @@ class Router:
 
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """Calibrated ``[N, C]`` domain probabilities of non-empty (cleaned) ``texts``."""
+        return self._probabilities(texts, batch_size)[0]
+
+    def _probabilities(self, texts: Sequence[str], batch_size: int = 64
+                       ) -> tuple[torch.Tensor, list[str], set[int]]:
+        """``(probabilities [N, C], warnings, the domains skipped)``. The likelihood encoders mark an expert they could not
+        score with NaN in its domain's column (the last ``C`` features): that feature is replaced by its
+        training mean, the domain gets probability 0 (the rest renormalised) and a warning names it."""
         import torch
 
         feats = self.encoder.encode(list(texts), batch_size=batch_size)
+        c = len(self.config.domains)
+        warnings: list[str] = []
+        skipped: set[int] = set()
+        missing = None
+        if self.kind in LIKELIHOOD_KINDS:
+            missing = feats[:, -c:].isnan()  # [N, C]
+            if missing.any():
+                feats = torch.where(feats.isnan(), self.head["mu"].expand_as(feats), feats)
+                errors = getattr(self.encoder, "errors", {})
+                skipped = set(missing.any(0).nonzero().flatten().tolist())
+                for j in sorted(skipped):
+                    d = self.config.domains[j]
+                    e = self.config.domain_map[d]
+                    warnings.append(f"expert {e!r} could not be scored, so domain {d!r} was skipped: "
+                                    f"{errors.get(e, 'unavailable')}")
         with torch.inference_mode():
-            return torch.softmax(head_logits(self.head, feats) / self.config.temperature, dim=-1)
+            logits = head_logits(self.head, feats) / self.config.temperature
+            if missing is not None and missing.any():
+                logits = logits.masked_fill(missing, float("-inf"))
+            return torch.softmax(logits, dim=-1).nan_to_num(0.0), warnings, skipped
 
     def route(self, texts: Sequence[str], top_k: int = 1, batch_size: int = 64) -> list[RouteDecision]:
         """One decision per text, in order.
@@ -125,20 +156,23 @@ class Router:
         cleaned = [clean_text(t, self.config.encoder.get("max_chars", 4096)) for t in texts]
         live = [i for i, t in enumerate(cleaned) if t]
         out: list[RouteDecision | None] = [None] * len(cleaned)
+        warnings: list[str] = []
         if live:
-            probs = self.probabilities([cleaned[i] for i in live], batch_size=batch_size)
+            probs, warnings, skipped = self._probabilities([cleaned[i] for i in live], batch_size=batch_size)
             top_p, top_i = probs.topk(k, dim=-1)
             for row, i in enumerate(live):
-                ranked = [(self.config.domains[int(j)], float(p)) for p, j in zip(top_p[row], top_i[row], strict=True)]
-                out[i] = self._decide(ranked)
+                ranked = [(self.config.domains[int(j)], float(p)) for n, (p, j) in enumerate(zip(top_p[row], top_i[row],
+                          strict=True)) if n == 0 or int(j) not in skipped]  # a skipped domain is not ranked
+                out[i] = self._decide(ranked, tuple(warnings))
         empty = self._empty_decision()
         return [d if d is not None else empty for d in out]
 
-    def _decide(self, ranked: list[tuple[str, float]]) -> RouteDecision:
+    def _decide(self, ranked: list[tuple[str, float]], warnings: tuple[str, ...] = ()) -> RouteDecision:
         domain, conf = ranked[0]
         below = conf < self.config.threshold
         expert = self.config.fallback if below else self.config.domain_map[domain]
-        return RouteDecision(expert=expert, domain=domain, confidence=conf, fallback=below, top_k=ranked)
+        return RouteDecision(expert=expert, domain=domain, confidence=conf, fallback=below, top_k=ranked,
+                             warnings=warnings)
 
     def _empty_decision(self) -> RouteDecision:
         home = [d for d in self.config.domains if self.config.domain_map[d] == self.config.fallback]
@@ -259,7 +293,9 @@ def load_router(store: DeltaStore, kind: str | None = None, base: tuple[Any, Any
 
     ``base``: the store's base as ``(model, tokenizer)``, for the ``base-probe`` and ``llm-choice``
     encoders (an engine passes the base it already holds); without it the base is loaded from the
-    path the store records and checked against the store's fingerprint.
+    path the store records and checked against the store's fingerprint. The likelihood encoders
+    (``expert-lik``, ``minilm+lik``) build their own scoring :class:`~meswitch.engine.Engine` over
+    ``base``: pass one that no other engine wraps (or none: a fresh copy is loaded).
     RouterMismatchError if the router was made for another store; CorruptRouterError if a file differs
     from what the manifest records.
     """
@@ -278,7 +314,7 @@ def load_router(store: DeltaStore, kind: str | None = None, base: tuple[Any, Any
         raise CorruptRouterError(f"{store.path}: router head is not safetensors: {exc}") from exc
     if config.encoder.get("kind") != "minilm" and base is None:
         base = load_store_base(store)
-    return Router(config, build_encoder(config.encoder, config.domains, base), head)
+    return Router(config, build_encoder(config.encoder, config.domains, base, store=store), head)
 
 
 def load_store_base(store: DeltaStore, base_dir: Path | None = None) -> tuple[Any, Any]:

@@ -28,7 +28,7 @@ class RouterTrainConfig:
     """How to train a router. ``threshold``: below this calibrated confidence the fallback expert is used."""
 
     encoder: str = "minilm"
-    head: str = "mlp"  # linear | mlp (llm-choice always uses an affine map of its scores)
+    head: str = "mlp"  # linear | mlp (llm-choice and expert-lik always use a per-domain bias on their scores)
     hidden: int = 128
     epochs: int = 40
     val_fraction: float = 0.15
@@ -115,8 +115,9 @@ def train_router(
 ) -> Router:
     """A router for ``store`` trained on labelled ``examples`` (not yet saved: call ``router.save(store)``).
 
-    ``base`` = (model, tokenizer) of the store's base, needed by ``base-probe`` and ``llm-choice``
-    (loaded from the store's recorded base path when not given).
+    ``base`` = (model, tokenizer) of the store's base, needed by every encoder but ``minilm`` (loaded
+    from the store's recorded base path when not given); ``expert-lik`` and ``minilm+lik`` score the
+    text with the store's experts through an engine over it.
     """
     import torch
 
@@ -136,13 +137,18 @@ def train_router(
         spec["max_tokens"] = cfg.max_tokens
     if cfg.layer:
         spec["options"]["layer"] = cfg.layer
+    if cfg.encoder in ("expert-lik", "minilm+lik"):
+        spec["options"]["experts"] = [mapping[d] for d in domains]  # column c: the likelihood of domain c's expert
     if cfg.encoder != "minilm" and base is None:
         base = load_store_base(store)
-    encoder = build_encoder(spec, domains, base)
+    encoder = build_encoder(spec, domains, base, store=store)
     y = torch.tensor([domains.index(d) for d in labels])
     train_idx, val_idx = stratified_split(y.tolist(), cfg.val_fraction, cfg.seed)
     x = encoder.encode(texts, progress=progress)
-    if cfg.encoder == "llm-choice":
+    if x.isnan().any():
+        raise RouterDataError(f"{store.path}: some experts could not be scored, so no {cfg.encoder} router can be "
+                              f"trained: {getattr(encoder, 'errors', {})}")
+    if cfg.encoder in ("llm-choice", "expert-lik"):
         head_name = "scores"
         head = score_head(x[train_idx], y[train_idx], len(domains))
     else:

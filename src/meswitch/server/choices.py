@@ -20,7 +20,8 @@ def route_info(handle: RequestHandle, completion: Completion | None = None) -> P
     expert = completion.expert if completion else handle.expert
     if route is None:
         return P.RouteInfo(expert=expert)
-    return P.RouteInfo(expert=expert, domain=route.domain, confidence=route.confidence, fallback=route.fallback)
+    return P.RouteInfo(expert=expert, domain=route.domain, confidence=route.confidence, fallback=route.fallback,
+                       warnings=list(route.warnings) or None)
 
 
 def usage(cs: Sequence[Completion], n: int) -> P.UsageInfo:

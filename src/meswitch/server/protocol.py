@@ -87,12 +87,14 @@ class UsageInfo(BaseModel):
 
 
 class RouteInfo(BaseModel):
-    """The expert that answered; domain/confidence/fallback when the router chose it (``model: "auto"``)."""
+    """The expert that answered; domain/confidence/fallback when the router chose it (``model: "auto"``);
+    ``warnings`` when the router had to work around something (an expert it could not score)."""
 
     expert: str | None
     domain: str | None = None
     confidence: float | None = None
     fallback: bool | None = None
+    warnings: list[str] | None = None
 
 
 class ChatMessageOut(BaseModel):
