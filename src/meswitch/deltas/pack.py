@@ -65,8 +65,8 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return packed.reshape(*lead, -1).contiguous()
 
 
-def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of :func:`pack`: ``packed: uint8 [out, packed_cols(n, bits)]`` -> ``codes: uint8 [out, n]``."""
+def check_packed(packed: Tensor, bits: int, n: int) -> None:
+    """Raise as :func:`unpack` does unless ``packed`` is ``uint8 [..., packed_cols(n, bits)]`` at valid ``bits``."""
     check_bits(bits)
     _check_uint8(packed, "packed")
     width, expected = packed.shape[-1], packed_cols(n, bits)
@@ -75,6 +75,12 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
             f"packed rows of {n} codes at {bits} bits must be {expected} bytes wide, got {width} "
             f"(packed shape {tuple(packed.shape)})"
         )
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack`: ``packed: uint8 [out, packed_cols(n, bits)]`` -> ``codes: uint8 [out, n]``."""
+    check_packed(packed, bits, n)
+    width = packed.shape[-1]
     lead = packed.shape[:-1]
     rows, groups = math.prod(lead), -(-n // _GROUP)
     split = F.pad(packed.reshape(rows, width), (0, groups * bits - width)).view(rows, groups, bits)

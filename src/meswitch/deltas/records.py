@@ -37,6 +37,7 @@ own (``gptq``), which readers ignore.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ import torch
 from torch import Tensor
 
 from meswitch.deltas.grid import check_grid, dequantize, sign2d_dequantize
-from meswitch.deltas.pack import check_bits, pack, unpack
+from meswitch.deltas.pack import check_bits, check_packed, pack, unpack
 from meswitch.errors import MeswitchError
 
 METHODS = ("salient", "rtn", "sign2d", "bitdelta")  # quantized forms; "dense" and "lora" are the others
@@ -97,12 +98,11 @@ class QuantizedDelta:
         check_bits(self.bits)
         if self.method not in METHODS:
             raise DeltaFormatError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.codes.dtype != torch.uint8 or self.codes.dim() != 2:
-            raise DeltaFormatError(f"codes must be uint8 [out, in - k], got {self.codes.dtype} {list(self.codes.shape)}")
+        out, rest = self._code_shape()
         if self.salient_idx.dim() != 1 or self.salient_idx.dtype != torch.int64:
             raise DeltaFormatError(
                 f"salient_idx must be int64 [k], got {self.salient_idx.dtype} {list(self.salient_idx.shape)}")
-        out, rest, k = self.codes.shape[0], self.codes.shape[1], self.salient_idx.shape[0]
+        k = self.salient_idx.shape[0]
         if self.salient_cols is None and k:
             raise DeltaFormatError(f"{k} salient columns named but no salient_cols given")
         try:
@@ -118,16 +118,27 @@ class QuantizedDelta:
                 raise DeltaFormatError(f"{self.method} delta {list(self.shape)}: {name} must be {list(want)}, "
                                        f"got {list(got)}")
 
+    def _code_shape(self) -> tuple[int, int]:
+        """``(out, in - k)`` of the codes, checked to be uint8 ``[out, in - k]``."""
+        if self.codes.dtype != torch.uint8 or self.codes.dim() != 2:
+            raise DeltaFormatError(f"codes must be uint8 [out, in - k], got {self.codes.dtype} {list(self.codes.shape)}")
+        return self.codes.shape[0], self.codes.shape[1]
+
+    @property
+    def _device(self) -> torch.device:
+        return self.codes.device
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of the whole delta."""
-        return (self.codes.shape[0], self.codes.shape[1] + self.salient_idx.shape[0])
+        out, rest = self._code_shape()
+        return (out, rest + self.salient_idx.shape[0])
 
     def columns(self) -> Tensor:
         """``salient_cols``, or an empty ``[out, 0]`` when there are none."""
         if self.salient_cols is not None:
             return self.salient_cols
-        return torch.zeros(self.codes.shape[0], 0, dtype=torch.float16, device=self.codes.device)
+        return torch.zeros(self.shape[0], 0, dtype=torch.float16, device=self._device)
 
     @property
     def k(self) -> int:
@@ -141,7 +152,7 @@ class QuantizedDelta:
     @property
     def rest_idx(self) -> Tensor:
         """``int64 [in - k]``: the quantized columns, ascending (the columns of ``codes``)."""
-        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self.codes.device)
+        keep = torch.ones(self.shape[1], dtype=torch.bool, device=self._device)
         keep[self.salient_idx] = False
         return keep.nonzero().squeeze(1)
 
@@ -161,7 +172,7 @@ class QuantizedDelta:
 
     def fields(self) -> dict[str, Tensor]:
         """The tensors a store keeps (module docstring): codes packed, 16-bit grid and columns."""
-        out: dict[str, Tensor] = {"codes": pack(self.codes, self.bits),
+        out: dict[str, Tensor] = {"codes": self.packed_codes(),
                                   "scale": self.scale.detach().to(torch.float16)}
         if self.zero is not None:
             out["zero"] = self.zero.detach().to(torch.float16)
@@ -173,10 +184,58 @@ class QuantizedDelta:
             out["salient_cols"] = self.salient_cols.detach().to(torch.float16)
         return out
 
+    def packed_codes(self) -> Tensor:
+        """The codes as a store keeps them: ``pack(codes, bits)``, ``uint8 [out, packed_cols(in - k, bits)]``."""
+        return pack(self.codes, self.bits)
+
     def meta(self) -> dict[str, Any]:
         """The layer meta the manifest records for :meth:`fields`."""
         return {"method": self.method, "bits": self.bits, "shape": list(self.shape), "salient": self.k,
                 "symmetric": self.symmetric}
+
+
+class PackedQuantizedDelta(QuantizedDelta):
+    """A :class:`QuantizedDelta` read from a store: ``packed`` (``uint8 [out, packed_cols(in - k, bits)]``,
+    the stored bytes) is unpacked into :attr:`codes` only when they are first asked for, so a reader
+    that takes the packed bytes as they are (:meth:`packed_codes`: the low-bit kernel's layout) never
+    unpacks them. Otherwise the same record as ``QuantizedDelta(unpack(packed, bits, in - k), ...)``.
+    """
+
+    packed: Tensor
+
+    def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
+                 salient_idx: Tensor | None = None, salient_cols: Tensor | None = None,
+                 col_scale: Tensor | None = None, method: str = "rtn", *, n_codes: int) -> None:
+        check_bits(bits)
+        try:
+            check_packed(packed, bits, n_codes)
+        except (TypeError, ValueError) as exc:
+            raise DeltaFormatError(f"codes: {exc}") from exc
+        if packed.dim() != 2:
+            raise DeltaFormatError(f"packed codes must be uint8 [out, packed_cols(in - k, bits)], got "
+                                   f"{list(packed.shape)}")
+        object.__setattr__(self, "packed", packed)
+        object.__setattr__(self, "_n_codes", n_codes)
+        for name, value in (("scale", scale), ("zero", zero), ("bits", bits),
+                            ("salient_idx", _no_columns().to(packed.device) if salient_idx is None else salient_idx),
+                            ("salient_cols", salient_cols), ("col_scale", col_scale), ("method", method)):
+            object.__setattr__(self, name, value)
+        self.__post_init__()
+
+    @functools.cached_property
+    def codes(self) -> Tensor:  # type: ignore[override]
+        """``uint8 [out, in - k]``, unpacked on first use."""
+        return unpack(self.packed, self.bits, self._n_codes)
+
+    def _code_shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self._n_codes
+
+    @property
+    def _device(self) -> torch.device:
+        return self.packed.device
+
+    def packed_codes(self) -> Tensor:
+        return self.packed
 
 
 @dataclass(frozen=True, eq=False)
@@ -293,19 +352,23 @@ def decode(fields: Mapping[str, Tensor], meta: Mapping[str, Any]) -> LayerDelta:
         raise DeltaFormatError(f"{method} delta {shape} lacks stored field(s) {missing}; has {sorted(fields)}")
     if not 0 <= k <= n:
         raise DeltaFormatError(f"{method} delta {shape}: salient count {k} outside [0, {n}]")
+    packed = fields["codes"]
     try:
-        codes = unpack(fields["codes"], bits, n - k)
+        check_packed(packed, bits, n - k)
     except (TypeError, ValueError) as exc:
         raise DeltaFormatError(f"{method} delta {shape}: codes: {exc}") from exc
-    if codes.shape[0] != out:
-        raise DeltaFormatError(f"{method} delta {shape}: codes have {codes.shape[0]} rows, expected {out}")
-    idx = fields["salient_idx"].long() if k else _no_columns().to(codes.device)
+    if packed.dim() != 2 or packed.shape[0] != out:
+        raise DeltaFormatError(f"{method} delta {shape}: codes have {packed.shape[0]} rows, expected {out}"
+                               if packed.dim() == 2 else
+                               f"{method} delta {shape}: codes must be [out, packed bytes], got {list(packed.shape)}")
+    idx = fields["salient_idx"].long() if k else _no_columns().to(packed.device)
     if idx.shape != (k,):
         raise DeltaFormatError(f"{method} delta {shape}: salient_idx must be [k]=[{k}], got {list(idx.shape)}")
     if k and (int(idx.min()) < 0 or int(idx.max()) >= n or len(torch.unique(idx)) != k):
         raise DeltaFormatError(f"{method} delta {shape}: salient_idx must name {k} distinct columns in [0, {n})")
-    return QuantizedDelta(
-        codes=codes,
+    return PackedQuantizedDelta(  # codes unpacked on first use (the low-bit kernel's layout reads them packed)
+        packed,
+        n_codes=n - k,
         scale=fields["scale"].float(),
         zero=fields["zero"].float() if "zero" in fields else None,
         bits=bits,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from meswitch.deltas import QuantizedDelta
+from meswitch.deltas.records import PackedQuantizedDelta
 from meswitch.engine.backends.base import Work
 from meswitch.engine.backends.forms import Form, nbytes
 from meswitch.engine.backends.int4 import Int4Backend, int4_form
@@ -88,7 +89,11 @@ class LowbitBackend(Int4Backend):
         if delta.col_scale is not None or self.device.type != "cpu":
             return int4_form(delta, self.device)
         rest = delta.rest_idx
-        kernel = lowbit_cpu.build(delta.codes, rest, delta.scale, delta.zero, delta.bits, delta.shape, self.isa)
+        if isinstance(delta, PackedQuantizedDelta):  # straight from the stored bytes, never unpacked
+            kernel = lowbit_cpu.build_packed(delta.packed, rest, delta.scale, delta.zero, delta.bits, delta.shape,
+                                             self.isa)
+        else:
+            kernel = lowbit_cpu.build(delta.codes, rest, delta.scale, delta.zero, delta.bits, delta.shape, self.isa)
         if kernel is None:
             return int4_form(delta, self.device)
         f32 = (lambda t: None if t is None else t.float())  # noqa: E731

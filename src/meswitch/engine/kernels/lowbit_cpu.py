@@ -187,6 +187,39 @@ def layout(codes: Tensor, bits: int) -> Tensor:
     return packed
 
 
+def layout_packed(packed: Tensor, bits: int, n: int, rest_idx: Tensor | None = None, width: int | None = None,
+                  isa: str | None = None) -> Tensor:
+    """The kernel's layout straight from a store's packed codes, in one pass of the extension.
+
+    ``packed: uint8 [out, packed_cols(n, bits)]`` (:func:`meswitch.deltas.pack.pack` of ``n`` codes at
+    ``bits`` in 1 .. 4) -> ``layout(codes, LAYOUT_BITS[bits])`` (3-bit codes in 4-bit slots), the
+    same bytes as ``layout(unpack(packed, bits, n), LAYOUT_BITS[bits])``. With ``rest_idx: int64 [n]``,
+    code column ``k`` goes to input column ``rest_idx[k]`` of ``width`` columns, the others' slots 0
+    (:func:`build`'s salient columns). ``isa``: the build to run (None: the best; any build gives the
+    same bytes); without one, the same in PyTorch.
+    """
+    from meswitch.deltas.pack import check_packed, unpack
+
+    check_packed(packed, bits, n)
+    if packed.dim() != 2:
+        raise ValueError(f"packed must be uint8 [out, packed bytes], got {list(packed.shape)}")
+    if rest_idx is not None and len(rest_idx) != n:
+        raise ValueError(f"rest_idx names {len(rest_idx)} columns, the packed rows hold {n} codes")
+    width = n if width is None else width
+    if rest_idx is None and width != n:
+        raise ValueError(f"width {width} without rest_idx: must be n = {n}")
+    lb = LAYOUT_BITS[bits]
+    chosen, _ = choose(isa if isa is not None else "")
+    mod = None if chosen is None or packed.device.type != "cpu" else _build(chosen)[0]
+    if mod is None or not hasattr(mod, "layout_packed"):
+        codes = unpack(packed, bits, n)
+        if rest_idx is not None:
+            codes = torch.zeros(codes.shape[0], width, dtype=torch.uint8).index_copy_(1, rest_idx.cpu(), codes.cpu())
+        return layout(codes.cpu(), lb)
+    cols = torch.zeros(0, dtype=torch.int64) if rest_idx is None else rest_idx.to(torch.int64)
+    return mod.layout_packed(packed, bits, n, cols, width, lb)
+
+
 def unlayout(packed: Tensor, bits: int, out: int, n: int) -> Tensor:
     """Inverse of :func:`layout`: ``uint8 [ceil(out/16), Kp*bits/32, 64]`` -> codes ``uint8 [out, n]``."""
     nb, chunks, _ = packed.shape
@@ -208,17 +241,41 @@ def build(codes: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, b
     out, n = shape
     if codes.device.type != "cpu" or codes.shape[0] != out or not available(isa):
         return None
-    s = scale.float().expand(out).contiguous()
-    z = -((1 << bits) - 1) / 2 * s if zero is None else zero.float().expand(out).contiguous()
     salient = None
     if len(rest_idx) != n:  # salient columns: code slots of 0 there
         full = torch.zeros(out, n, dtype=torch.uint8)
         full.index_copy_(1, rest_idx, codes)
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[rest_idx] = False
-        codes, salient = full, keep.nonzero().squeeze(1)
-    lb = LAYOUT_BITS[bits]
-    return LowbitDelta(layout(codes, lb), s, z.contiguous(), lb, (out, n), isa, salient)
+        codes, salient = full, _salient(rest_idx, n)
+    return _delta(layout(codes, LAYOUT_BITS[bits]), scale, zero, bits, shape, isa, salient)
+
+
+def build_packed(packed: Tensor, rest_idx: Tensor, scale: Tensor, zero: Tensor | None, bits: int,
+                 shape: tuple[int, int], isa: str) -> LowbitDelta | None:
+    """:func:`build` of the codes ``unpack(packed, bits, len(rest_idx))`` (a store's ``packed: uint8
+    [out, packed_cols(in - k, bits)]``), laid out in one pass (:func:`layout_packed`) without unpacking them."""
+    out, n = shape
+    if packed.device.type != "cpu" or packed.dim() != 2 or packed.shape[0] != out or not available(isa):
+        return None
+    k = len(rest_idx)
+    if k == n:
+        return _delta(layout_packed(packed, bits, n, isa=isa), scale, zero, bits, shape, isa, None)
+    return _delta(layout_packed(packed, bits, k, rest_idx, n, isa=isa), scale, zero, bits, shape, isa,
+                  _salient(rest_idx, n))
+
+
+def _salient(rest_idx: Tensor, n: int) -> Tensor:
+    """The columns of ``n`` that ``rest_idx`` leaves out, ascending."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[rest_idx] = False
+    return keep.nonzero().squeeze(1)
+
+
+def _delta(packed: Tensor, scale: Tensor, zero: Tensor | None, bits: int, shape: tuple[int, int], isa: str,
+           salient: Tensor | None) -> LowbitDelta:
+    out = shape[0]
+    s = scale.float().expand(out).contiguous()
+    z = -((1 << bits) - 1) / 2 * s if zero is None else zero.float().expand(out).contiguous()
+    return LowbitDelta(packed, s, z.contiguous(), LAYOUT_BITS[bits], shape, isa, salient)
 
 
 Form = tuple[LowbitDelta, int, int] | tuple[LowbitDelta, int, int, int]  # (delta, start, end[, column])

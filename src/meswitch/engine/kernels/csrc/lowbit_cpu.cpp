@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -294,7 +295,90 @@ void sgmv(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> packed, s
   });
 }
 
+// The layout above straight from a store's packed codes (meswitch/deltas/pack.py: row o one little-endian
+// bitstream, code k in stream bits [k * bits, (k + 1) * bits)): packed uint8 [out, ceil(n * bits / 8)] of n
+// codes at bits in 1 .. 4, put in input columns cols[k] (int64 [n], each in [0, in); empty: column k, in = n),
+// the other columns' slots 0 -> uint8 [ceil(out / 16), Kp / (4 * P), 64] at lbits in {1, 2, 4}, lbits >= bits.
+torch::Tensor layout_packed(torch::Tensor packed, int64_t bits, int64_t n, torch::Tensor cols, int64_t in,
+                            int64_t lbits) {
+  TORCH_CHECK(bits >= 1 && bits <= 4, "bits must be 1 .. 4, got ", bits);
+  TORCH_CHECK((lbits == 1 || lbits == 2 || lbits == 4) && lbits >= bits, "layout bits must be 1, 2 or 4 and at least ",
+              bits, ", got ", lbits);
+  const int64_t width = (n * bits + 7) / 8;
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2 && packed.size(1) == width,
+              "packed must be uint8 [out, ", width, "], got ", packed.scalar_type(), " ", packed.sizes());
+  const bool mapped = cols.numel() > 0;
+  if (mapped) {
+    TORCH_CHECK(cols.scalar_type() == torch::kLong && cols.dim() == 1 && cols.numel() == n,
+                "cols must be int64 [", n, "], got ", cols.scalar_type(), " ", cols.sizes());
+  } else {
+    TORCH_CHECK(in == n, "without cols, in (", in, ") must be n (", n, ")");
+  }
+  packed = packed.contiguous();
+  cols = cols.contiguous();
+  const int64_t* col = mapped ? cols.data_ptr<int64_t>() : nullptr;
+  if (mapped)
+    for (int64_t k = 0; k < n; ++k) TORCH_CHECK(0 <= col[k] && col[k] < in, "cols[", k, "] = ", col[k], " not in [0, ", in, ")");
+  const int64_t out = packed.size(0), nb = (out + 15) / 16, kp = (in + G - 1) / G * G, P = 8 / lbits;
+  const int64_t chunks = kp / (4 * P);
+  auto res = torch::empty({nb, chunks, 64}, torch::kUInt8);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = res.data_ptr<uint8_t>();
+  const auto run = [&](auto bits_c, auto lbits_c) {
+    constexpr int B = decltype(bits_c)::value, LB = decltype(lbits_c)::value, PP = 8 / LB;
+    at::parallel_for(0, nb, 1, [&](int64_t a, int64_t b) {
+      std::vector<uint8_t> codes(16 * kp), row(width + 2);
+      for (int64_t blk = a; blk < b; ++blk) {
+        std::fill(codes.begin(), codes.end(), 0);
+        for (int64_t i = 0; i < 16 && blk * 16 + i < out; ++i) {  // unpack rows of the block into codes[i][col]
+          std::copy(src + (blk * 16 + i) * width, src + (blk * 16 + i + 1) * width, row.begin());  // zero tail kept
+          uint8_t* c = codes.data() + i * kp;
+          const uint8_t* r = row.data();
+          const auto code = [r](int64_t k) -> uint8_t {
+            if constexpr (8 % B == 0) {
+              return (r[k / (8 / B)] >> ((k % (8 / B)) * B)) & ((1 << B) - 1);
+            } else {
+              const int64_t bit = k * B;
+              const uint32_t two = r[bit >> 3] | (static_cast<uint32_t>(r[(bit >> 3) + 1]) << 8);
+              return static_cast<uint8_t>((two >> (bit & 7)) & ((1u << B) - 1));
+            }
+          };
+          if (mapped) {
+            for (int64_t k = 0; k < n; ++k) c[col[k]] = code(k);
+          } else {
+            for (int64_t k = 0; k < n; ++k) c[k] = code(k);
+          }
+        }
+        uint8_t* w = dst + blk * chunks * 64;  // byte 4 * o + j of chunk q holds tile p's code [o][4 * (q * P + p) + j]
+        for (int64_t q = 0; q < chunks; ++q)
+          for (int64_t i = 0; i < 16; ++i) {
+            const uint8_t* c = codes.data() + i * kp + q * PP * 4;
+            for (int64_t j = 0; j < 4; ++j) {
+              uint8_t v = 0;
+              for (int p = 0; p < PP; ++p) v |= static_cast<uint8_t>(c[p * 4 + j] << (LB * p));
+              w[q * 64 + 4 * i + j] = v;
+            }
+          }
+      }
+    });
+  };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
+  using I4 = std::integral_constant<int, 4>;
+  if (bits == 1 && lbits == 1) run(I1{}, I1{});
+  else if (bits == 1 && lbits == 2) run(I1{}, I2{});
+  else if (bits == 1) run(I1{}, I4{});
+  else if (bits == 2 && lbits == 2) run(I2{}, I2{});
+  else if (bits == 2) run(I2{}, I4{});
+  else if (bits == 3) run(I3{}, I4{});
+  else run(I4{}, I4{});
+  return res;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("layout_packed", &layout_packed, "the tile layout straight from pack.py's packed codes (lowbit_cpu.py)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("sgmv", &sgmv, "y[s:t, c:c+out] += x[s:t] @ delta^T for low-bit deltas in the tile layout (lowbit_cpu.py)",
         py::call_guard<py::gil_scoped_release>());
 }
