@@ -13,10 +13,12 @@ query/key head pair::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from meswitch.engine.kv_cache import KVCache
@@ -45,6 +47,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """A step's rotary tables for :func:`apply_rope_tables`: ``cos, sin: [T, r]`` -> ``(cos, signed_sin)``, each
+    ``[T, 1, r]``, ``signed_sin`` with its first half negated (the sign of the rotated half, folded in once)."""
+    half = sin.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[:, :half], sin[:, half:]), -1)[:, None]
+
+
+def apply_rope_tables(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """:func:`apply_rope` with the tables of :func:`rope_tables` (``cos, signed_sin: [T, 1, r]``): the same
+    products, ``x * cos + roll(x, r / 2) * signed_sin``, in fewer ops; ``x: [T, heads, hd]``."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((apply_rope_tables(x[..., :r], cos, signed_sin), x[..., r:]), -1)
+    return x * cos + x.roll(r // 2, -1) * signed_sin
+
+
 def _visible(qpos: Tensor, length: int, window: int | None) -> Tensor:
     """``[..., length]`` bool: key position ``j`` is visible from query position ``p`` (``qpos: [...]``)."""
     kpos = torch.arange(length, device=qpos.device)
@@ -60,48 +78,117 @@ def _scores(q: Tensor, k: Tensor, spec: AttentionSpec) -> Tensor:
     return s
 
 
+@dataclass(eq=False)
+class DecodePlan:
+    """Where a step's one-token sequences (decode) sit, built once per step and read by every layer.
+
+    ``rows: int64 [S_d]`` their rows in the step, ``slots``/``positions: int64 [S_d]`` their cache slots
+    and positions; decode attention runs over the slot prefix ``[0, n_slots)`` of the cache, ``length``
+    positions long. ``gather: int64 [n_slots]``: per slot of the prefix, the decode row (index into
+    ``rows``) whose query it takes (row 0 for a slot no decode row uses: its output is dropped).
+    ``all_rows``: every row of the step is a decode row, in order (``rows == arange(T)``).
+    """
+
+    rows: Tensor
+    slots: Tensor
+    positions: Tensor
+    gather: Tensor
+    n_slots: int
+    length: int
+    all_rows: bool
+    _bias: dict[tuple[int | None, torch.dtype], Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, seqs: Sequence[SeqSlice], device: torch.device | str = "cpu") -> DecodePlan | None:
+        """The plan of ``seqs`` (a step's sequences in row order), or None when none decodes."""
+        rows, slots, pos = [], [], []
+        row = 0
+        for s in seqs:
+            if s.n == 1:
+                rows.append(row)
+                slots.append(s.slot)
+                pos.append(s.start)
+            row += s.n
+        if not rows:
+            return None
+        n_slots = max(slots) + 1
+        gather = [0] * n_slots
+        for j, slot in enumerate(slots):
+            gather[slot] = j
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(as_tensor(rows), as_tensor(slots), as_tensor(pos), as_tensor(gather), n_slots, max(pos) + 1,
+                   len(rows) == row)
+
+    def bias(self, window: int | None, dtype: torch.dtype) -> Tensor:
+        """``[n_slots, 1, 1, length]`` additive mask: 0 where a slot's query sees the key, ``-inf`` where not
+        (:func:`_visible`); 0 everywhere for slots no decode row uses (no all-masked rows, no NaN)."""
+        key = (window, dtype)
+        if key not in self._bias:
+            visible = torch.ones(self.n_slots, self.length, dtype=torch.bool, device=self.slots.device)
+            visible[self.slots] = _visible(self.positions, self.length, window)
+            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+            self._bias[key] = bias[:, None, None, :]
+        return self._bias[key]
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, batch: StepBatch, cache: KVCache, layer: int,
               spec: AttentionSpec) -> Tensor:
     """Causal (optionally windowed, soft-capped) attention of every sequence over its cached past plus this step.
 
     ``q: [T, H, hd]``, ``k, v: [T, H_kv, hd]`` (new tokens, written into the cache first) -> ``[T, H * hd]``.
-    Sequences of one token (decode) attend together over a view of the cache's slot prefix;
-    longer ones (prefill) one by one with a causal mask.
+    Sequences of one token (decode) attend together over a view of the cache's slot prefix
+    (:class:`DecodePlan`, built once per step); longer ones (prefill) one by one with a causal mask.
     """
     t, heads, hd = q.shape
-    kvh = k.shape[1]
-    g = heads // kvh
+    plan = batch.decode
+    if plan is not None and plan.all_rows:
+        return _decode(q, k, v, plan, cache, layer, spec).reshape(t, heads * hd)
     out = q.new_empty(t, heads, hd)
-    decode: list[tuple[int, SeqSlice]] = []
     row = 0
     for s in batch.seqs:
-        if s.n == 1:
-            decode.append((row, s))
-        else:
-            cache.write(layer, s.slot, s.start, k[row : row + s.n], v[row : row + s.n])
-            end = s.start + s.n
-            kc, vc = cache.k[layer][s.slot, :, :end], cache.v[layer][s.slot, :, :end]  # [H_kv, end, hd]
-            qs = q[row : row + s.n].view(s.n, kvh, g, hd).permute(1, 2, 0, 3)  # [H_kv, g, n, hd]
-            scores = _scores(qs, kc[:, None], spec)  # [H_kv, g, n, end]
-            visible = _visible(torch.arange(s.start, end, device=q.device), end, spec.window)  # [n, end]
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).float(), -1).to(vc.dtype)
-            out[row : row + s.n] = (probs @ vc[:, None]).permute(2, 0, 1, 3).reshape(s.n, heads, hd)
+        if s.n > 1:
+            out[row : row + s.n] = _prefill(q[row : row + s.n], k[row : row + s.n], v[row : row + s.n], s, cache,
+                                            layer, spec)
         row += s.n
-    if decode:
-        rows = torch.tensor([r for r, _ in decode], device=q.device)
-        slots = torch.tensor([s.slot for _, s in decode], device=q.device)
-        pos = torch.tensor([s.start for _, s in decode], device=q.device)
-        cache.write_tokens(layer, slots, pos, k[rows], v[rows])
-        n_slots = int(slots.max()) + 1
-        length = int(pos.max()) + 1
-        kc = cache.k[layer][:n_slots, :, :length]  # [N', H_kv, C', hd] (a view)
-        vc = cache.v[layer][:n_slots, :, :length]
-        qd = q.new_zeros(n_slots, kvh, g, hd)
-        qd[slots] = q[rows].view(-1, kvh, g, hd)
-        scores = _scores(qd, kc, spec)  # [N', H_kv, g, C']
-        valid = torch.zeros(n_slots, length, dtype=torch.bool, device=q.device)
-        valid[slots] = _visible(pos, length, spec.window)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), -1).nan_to_num_(0.0).to(vc.dtype)
-        out[rows] = (probs @ vc)[slots].reshape(-1, heads, hd)
+    if plan is not None:
+        rows = plan.rows
+        out.index_copy_(0, rows, _decode(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+                                         plan, cache, layer, spec))
     return out.reshape(t, heads * hd)
+
+
+def _prefill(q: Tensor, k: Tensor, v: Tensor, s: SeqSlice, cache: KVCache, layer: int, spec: AttentionSpec) -> Tensor:
+    """One sequence's ``n`` new tokens (``q: [n, H, hd]``, ``k, v: [n, H_kv, hd]``) -> ``[n, H, hd]``."""
+    n, heads, hd = q.shape
+    kvh = k.shape[1]
+    cache.write(layer, s.slot, s.start, k, v)
+    end = s.start + n
+    kc, vc = cache.k[layer][s.slot, :, :end], cache.v[layer][s.slot, :, :end]  # [H_kv, end, hd]
+    qs = q.view(n, kvh, heads // kvh, hd).permute(1, 2, 0, 3)  # [H_kv, g, n, hd]
+    scores = _scores(qs, kc[:, None], spec)  # [H_kv, g, n, end]
+    visible = _visible(torch.arange(s.start, end, device=q.device), end, spec.window)  # [n, end]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).float(), -1).to(vc.dtype)
+    return (probs @ vc[:, None]).permute(2, 0, 1, 3).reshape(n, heads, hd)
+
+
+def _decode(q: Tensor, k: Tensor, v: Tensor, plan: DecodePlan, cache: KVCache, layer: int,
+            spec: AttentionSpec) -> Tensor:
+    """The decode rows (``q: [S_d, H, hd]``, ``k, v: [S_d, H_kv, hd]``, in ``plan.rows`` order) -> ``[S_d, H, hd]``.
+
+    Each slot of the prefix attends with its own query, as a ``g``-query attention over its kv head
+    (``[n_slots, H_kv, g, hd]`` against ``[n_slots, H_kv, C', hd]``); without a soft-cap in one fused
+    ``scaled_dot_product_attention``, the plain PyTorch of the module docstring otherwise.
+    """
+    s_d, heads, hd = q.shape
+    kvh = k.shape[1]
+    cache.write_tokens(layer, plan.slots, plan.positions, k, v)
+    kc = cache.k[layer][: plan.n_slots, :, : plan.length]  # [N', H_kv, C', hd] (a view)
+    vc = cache.v[layer][: plan.n_slots, :, : plan.length]
+    qd = q.view(s_d, kvh, heads // kvh, hd).index_select(0, plan.gather)  # [N', H_kv, g, hd]
+    bias = plan.bias(spec.window, q.dtype)
+    if spec.softcap is None:
+        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=bias, scale=spec.scale)
+    else:
+        probs = torch.softmax((_scores(qd, kc, spec) + bias).float(), -1).to(vc.dtype)  # [N', H_kv, g, C']
+        o = probs @ vc
+    return o.index_select(0, plan.slots).view(s_d, heads, hd)

@@ -210,9 +210,11 @@ class ExpertNorm(nn.Module):
 
     def forward(self, x: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
         """``expert_rows: int64 [T]``, the expert index of each row (``segments.expert_ids`` as a tensor)."""
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if any(e in self.deltas for e in segments.experts):
+        held = self.deltas and any(e in self.deltas for e in segments.experts)
+        if not held and not self.unit_offset and x.dtype == self.weight.dtype == torch.float32:  # one fused op
+            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        normed = torch.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        if held:
             rows = self.table(segments.experts[-1] + 2).index_select(0, expert_rows + 1)  # [T, D]
             w = rows.view(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
         else:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from operator import attrgetter
 
 import torch
 from torch import Tensor, nn
 
-from meswitch.engine.attention import AttentionSpec, apply_rope, attention
+from meswitch.engine.attention import AttentionSpec, DecodePlan, apply_rope_tables, attention, rope_tables
 from meswitch.engine.backends import DeltaBackend
 from meswitch.engine.families import SUPPORTED, FamilySpec
 from meswitch.engine.kv_cache import KVCache
@@ -66,8 +67,16 @@ class StepBatch:
         return cls(tuple(seqs), Segments.from_ids(ids).to(device), torch.tensor(ids, device=device),
                    torch.tensor(pos, device=device), last.to(device))
 
+    @cached_property
+    def decode(self) -> DecodePlan | None:
+        """The decode rows' layout over the cache, for every layer's attention (None: no sequence decodes)."""
+        return DecodePlan.build(self.seqs, self.positions.device)
+
     def last_segments(self) -> Segments:
-        """Segments over the ``S`` last-token rows (for the output head)."""
+        """Segments over the ``S`` last-token rows (for the output head): :attr:`segments` itself when every
+        sequence has one row (a decode step)."""
+        if len(self.seqs) == self.segments.num_rows:
+            return self.segments
         return Segments.from_ids([s.expert for s in self.seqs])
 
 
@@ -176,7 +185,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, batch: StepBatch, rope: dict[str | None, tuple[Tensor, Tensor]], cache: KVCache,
                 index: int) -> Tensor:
-        """``h: [T, D]`` -> ``[T, D]``; ``rope``: ``(cos, sin)`` ``[T, r]`` per rope key of the model."""
+        """``h: [T, D]`` -> ``[T, D]``; ``rope``: per rope key of the model, ``(cos, signed sin)`` ``[T, 1, r]``
+        (:func:`~meswitch.engine.attention.rope_tables`)."""
         seg, rows = batch.segments, batch.expert_rows
         x = self.norm1(h, seg, rows)
         t = x.shape[0]
@@ -187,7 +197,7 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q, seg, rows), self.k_norm(k, seg, rows)
         cos, sin = rope[self.rope_key]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_tables(q, cos, sin), apply_rope_tables(k, cos, sin)
         a = self.o(attention(q, k, v.view(t, self.kv_heads, self.head_dim), batch, cache, index, self.attn), seg)
         a = self._bias("self_attn.o_proj", a, seg, rows)
         if self.attn_out_norm is not None:
@@ -256,8 +266,9 @@ class ServingModel(nn.Module):
         return KVCache(len(self.layers), slots, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
     def _rope(self, h: Tensor, batch: StepBatch, key: str | None) -> tuple[Tensor, Tensor]:
-        """``(cos, sin)``, each ``[T, r]`` in ``h``'s dtype, from transformers' rotary embedding: over the
-        whole step, or sequence by sequence where the frequencies depend on the positions given (longrope)."""
+        """``(cos, signed sin)``, each ``[T, 1, r]`` in ``h``'s dtype (:func:`~meswitch.engine.attention.rope_tables`),
+        from transformers' rotary embedding: over the whole step, or sequence by sequence where the
+        frequencies depend on the positions given (longrope)."""
         args = () if key is None else (key,)
         pos = batch.positions
         if not self.spec.rope_per_sequence:
@@ -268,7 +279,7 @@ class ServingModel(nn.Module):
                 parts.append(self.rotary(h[None, row : row + s.n], pos[None, row : row + s.n], *args))
                 row += s.n
             cos, sin = torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1)
-        return cos[0].to(h.dtype), sin[0].to(h.dtype)
+        return rope_tables(cos[0].to(h.dtype), sin[0].to(h.dtype))
 
     @torch.inference_mode()
     def forward(self, ids: Tensor, batch: StepBatch, cache: KVCache) -> Tensor:
@@ -279,9 +290,12 @@ class ServingModel(nn.Module):
             h = layer(h, batch, rope, cache, i)
         for s in batch.seqs:
             cache.lengths[s.slot] = s.start + s.n
-        last = h.index_select(0, batch.last_rows)  # [S, D]
         last_seg = batch.last_segments()
-        last_rows = torch.tensor(last_seg.expert_ids, device=h.device)
+        if last_seg is batch.segments:  # a decode step: every row is a sequence's last
+            last, last_rows = h, batch.expert_rows
+        else:
+            last = h.index_select(0, batch.last_rows)  # [S, D]
+            last_rows = torch.tensor(last_seg.expert_ids, device=h.device)
         logits = self.lm_head(self.norm(last, last_seg, last_rows), last_seg)
         cap = self.spec.final_softcap
         if cap is not None:

@@ -87,23 +87,43 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return torch.empty_like(logits).scatter_(0, order, sorted_logits)
 
 
+def top_p_filter_rows(logits: Tensor, top_p: Tensor) -> Tensor:
+    """:func:`top_p_filter` on every row at once: ``logits: [k, V]``, ``top_p: float32 [k]`` (each ``< 1``) ->
+    ``[k, V]``, row ``i`` equal to ``top_p_filter(logits[i], top_p[i])``."""
+    sorted_logits, order = torch.sort(logits, -1, descending=True)
+    cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+    drop = cum - torch.softmax(sorted_logits, -1) >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
 def sample(
     logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> Tensor:
     """Next token per sequence: ``logits: [S, V]`` (float) -> ``int64 [S]``.
 
     Row ``i`` is ``argmax`` when ``params[i].greedy``, else a draw from
-    ``softmax(top_p_filter(logits[i] / temperature))`` with ``generators[i]``.
+    ``softmax(top_p_filter(logits[i] / temperature))`` with ``generators[i]``. The argmax, the
+    temperatures, the top-p filter and the softmax run on every row at once; each draw uses its own
+    request's generator, so a seeded request gets the same tokens whatever shares its batch.
     """
     if logits.dim() != 2 or not logits.shape[0] == len(params) == len(generators):
         raise ValueError(f"logits must be [S={len(params)}, V], got shape {tuple(logits.shape)}")
     out = logits.argmax(-1)
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = top_p_filter(logits[i].float() / p.temperature, p.top_p)
-        probs = torch.softmax(row, -1)
-        out[i] = torch.multinomial(probs.cpu(), 1, generator=generators[i]).to(out.device)[0]
+    hot = [i for i, p in enumerate(params) if not p.greedy]
+    if not hot:
+        return out
+    rows = logits.index_select(0, torch.tensor(hot, device=logits.device)).float()
+    rows = rows / torch.tensor([params[i].temperature for i in hot], device=rows.device)[:, None]
+    nucleus = [j for j, i in enumerate(hot) if params[i].top_p < 1]
+    if nucleus:
+        at = torch.tensor(nucleus, device=rows.device)
+        top_p = torch.tensor([params[hot[j]].top_p for j in nucleus], dtype=torch.float32, device=rows.device)
+        rows.index_copy_(0, at, top_p_filter_rows(rows.index_select(0, at), top_p))
+    probs = torch.softmax(rows, -1).cpu()
+    drawn = [torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(hot)]
+    out.index_copy_(0, torch.tensor(hot, device=out.device), torch.cat(drawn).to(out.device))
     return out
 
 
