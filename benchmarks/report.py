@@ -1,7 +1,7 @@
 """docs/RESULTS.md from the benchmarks' JSON results: the machine, every table, four plots, projections.
 
 Reads what the scripts in this folder wrote to docs/results/ (compression_full.json, engine.json,
-router.json, load.json, ray_scale.json, and bench_run.json from run_all.py), writes
+router.json, load.json, ray_scale.json, scale.json, and bench_run.json from run_all.py), writes
 docs/results/report_{fidelity,memory,throughput,router_confusion}.png and replaces docs/RESULTS.md.
 A missing result gives its section a "not measured" line with the command that measures it.
 
@@ -52,7 +52,7 @@ def load_results(d: Path) -> dict[str, Any]:
     """Every result file that exists, by name (``compression``, ``engine``, ``router``, ...)."""
     files = {"compression": "compression_full.json", "engine": "engine.json", "router": "router.json",
              "load": "load.json", "ray": "ray_scale.json", "run": "bench_run.json", "gpu": "gpu_sgmv.json",
-             "kernels": "cpu_delta_kernels.json", "kernel_fidelity": "kernel_fidelity.json"}
+             "kernels": "cpu_delta_kernels.json", "kernel_fidelity": "kernel_fidelity.json", "scale": "scale.json"}
     out = {}
     for key, name in files.items():
         p = d / name
@@ -363,6 +363,16 @@ def ray_section(ray: dict | None, results: Path) -> list[str]:
     return out + [md_table(["replicas", "torch threads", "completed", "errors", "tokens/s", "vs 1 replica"], rows), ""]
 
 
+def scale_section(scale: dict | None, results: Path) -> list[str]:
+    out = ["## Thousands of experts", ""]
+    if not scale:
+        return out + ["Not measured: `python benchmarks/scale.py`.", ""]
+    md = results / "scale.md"  # the benchmark's own table, written beside its JSON
+    body = [line for line in md.read_text().splitlines() if not line.startswith("# ")] if md.is_file() else []
+    plot = ["", "![scale](results/scale.png)"] if (results / "scale.png").is_file() else []
+    return out + body + plot + [""]
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
@@ -563,6 +573,7 @@ def build_report(res: dict, results: Path, summary: dict | None) -> str:
     lines += router_section(res.get("router"))
     lines += load_section(res.get("load"))
     lines += ray_section(res.get("ray"), results)
+    lines += scale_section(res.get("scale"), results)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -55,6 +55,9 @@ def steps(store: Path) -> list[Step]:
              needs="openai"),
         Step("ray_scale", [py, str(HERE / "ray_scale.py"), "--store", str(store)], needs="ray"),
         Step("tasks", [py, str(HERE / "tasks.py"), "--store", str(store), "--limit", "50"], needs="lm_eval"),
+        # 16, 100 and 1000 synthetic experts over the full base (~24 GB of store on disk, built once and
+        # cached; ~30 min the first time): leave it out with --skip scale, or run it alone with --only scale
+        Step("scale", [py, str(HERE / "scale.py")], needs="openai"),
     ]
 
 

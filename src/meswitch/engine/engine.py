@@ -11,6 +11,7 @@ and leave between steps; a request that fails (its expert cannot be loaded, say)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from meswitch.engine.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
-from meswitch.engine.experts import ExpertPool
+from meswitch.engine.experts import FULL, LOADING, RESIDENT, ExpertPool
 from meswitch.engine.logprobs import TokenPieces, chosen_logprobs, prompt_logprobs
 from meswitch.engine.model import SeqSlice, ServingModel, StepBatch
 from meswitch.engine.request import (
@@ -64,7 +65,10 @@ class EngineConfig:
     :data:`meswitch.engine.backends.BACKENDS` or ``"auto"`` (Triton on CUDA; on a CPU meswitch's
     low-bit kernel, ``bits / 8`` bytes per weight, else PyTorch's int4 kernel). Chosen once when the
     engine starts (:func:`meswitch.engine.backends.select`, which falls back and says why when the
-    named one cannot run here; ``Engine.backend_selection``). Measurements behind these defaults: docs/engine.md.
+    named one cannot run here; ``Engine.backend_selection``). ``prefetch``: how many waiting requests the
+    engine looks at each step to start loading their experts on the background loader thread, so that
+    reading experts overlaps the forward (0: an expert is loaded when its request is admitted, on the
+    engine's thread, and the step waits for it). Measurements behind these defaults: docs/engine.md.
     """
 
     max_batch: int = 16
@@ -76,6 +80,7 @@ class EngineConfig:
     merge_after: int = 16
     backend: str = "auto"
     verify: bool = True
+    prefetch: int = 16
 
 
 @dataclass(eq=False)
@@ -96,6 +101,7 @@ class _Seq:
     out_lps: list[TokenLogprob] = field(default_factory=list)  # one per out_ids entry, when params.logprobs asked
     echo: Echo | None = None  # the prompt handed back (Request.echo), once known
     echo_sent: bool = False
+    waited: bool = False  # passed over at admission while its expert was loading
 
     @property
     def cached(self) -> int:
@@ -402,6 +408,77 @@ class Engine:
         return events
 
     def _admit(self) -> list[StreamEvent]:
+        """Admit waiting requests into free slots, first come first served, loading their experts.
+
+        With ``config.prefetch`` the experts of the first ``prefetch`` waiting requests start loading on
+        the background loader first; a request whose expert is still loading is passed over while the
+        batch has other work (those behind it whose experts are resident go in), and waited for when it
+        has none. A request whose expert cannot be loaded ends with ``"error"``, as does every waiting
+        request for that expert; the budget full of busy experts makes the queue wait.
+        """
+        if self.config.prefetch <= 0:
+            return self._admit_loading_here()
+        events: list[StreamEvent] = []
+        pool = self.pool
+        pool.poll()
+        events += self._fail_experts(pool.failed())
+        window = self._prefetch()
+        passed: deque[_Seq] = deque()
+        while self._waiting and self.cache.free_slots:
+            s = self._waiting.popleft()
+            if s.expert >= 0:
+                try:
+                    got = pool.claim(s.expert, wait=not self._running, protect=window)
+                except Exception as exc:  # noqa: BLE001 - a broken expert fails its requests, not the engine
+                    events += self._fail_experts([s.expert], exc, [s])
+                    continue
+                if got == LOADING:
+                    s.waited = True
+                    passed.append(s)
+                    continue
+                if got == FULL:
+                    passed.append(s)
+                    break  # the budget is full of busy experts: wait for one to finish
+                pool.note(s.expert, hit=got == RESIDENT and not s.waited)
+                s.acquired = True
+            s.slot = self.cache.allocate()
+            self._running.append(s)
+        self._waiting.extendleft(reversed(passed))
+        return events
+
+    def _prefetch(self) -> set[int]:
+        """Start background loads of the experts of the first ``config.prefetch`` waiting requests, in
+        order, while the loader takes them and the budget has room; returns those experts (which the
+        loads must not evict)."""
+        window: list[int] = []
+        for s in itertools.islice(self._waiting, self.config.prefetch):
+            if s.expert >= 0 and s.expert not in window:
+                window.append(s.expert)
+        protect = set(window)
+        for e in window:
+            if self.pool.is_resident(e) or e in self.pool.failed():
+                continue
+            if len(self.pool.loading()) >= self.pool.max_loading or not self.pool.start_load(e, protect):
+                break
+        return protect
+
+    def _fail_experts(self, experts: Sequence[int], exc: BaseException | None = None,
+                      seqs: Iterable[_Seq] = ()) -> list[StreamEvent]:
+        """End ``seqs`` and every waiting request for one of ``experts`` with ``"error"``: its expert could
+        not be loaded (``exc``, else the error of its failed background load)."""
+        events = []
+        for e in experts:
+            err = exc if exc is not None else self.pool.claim_error(e)
+            why = f"expert {self.pool.names[e]!r} could not be loaded: {type(err).__name__}: {err}"
+            doomed = [*[s for s in seqs if s.expert == e], *[s for s in self._waiting if s.expert == e]]
+            for s in doomed:
+                if s in self._waiting:
+                    self._waiting.remove(s)
+                events.append(self._finish(s, "error", why))
+        return events
+
+    def _admit_loading_here(self) -> list[StreamEvent]:
+        """``_admit`` without the background loader: experts load on this thread as their requests go in."""
         events = []
         while self._waiting and self.cache.free_slots:
             s = self._waiting[0]

@@ -1,10 +1,12 @@
-"""Files of a delta store: the writer lock, emptiness check before create, hashing and verification."""
+"""Files of a delta store: the writer lock, emptiness check before create, hashing and verification
+(and the memory of files already verified)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,16 +56,68 @@ def hash_file(path: Path, fsync: bool = False) -> tuple[int, str]:
 
 def verify_file(name: str, entry: Mapping[str, Any], path: Path) -> None:
     """CorruptStoreError naming ``path`` unless its size and SHA-256 match the manifest entry."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CorruptStoreError(f"{path}: file of expert {name!r} is missing") from None
-    want = entry["bytes"]
-    if size != want:
-        what = "truncated" if size < want else "larger than recorded"
-        raise CorruptStoreError(f"{path}: expert {name!r} file is {what}: {size} bytes, manifest says {want}")
+    check_size(name, entry, path, _stat(name, path).st_size)
     _, sha = hash_file(path)
     if sha != entry["sha256"]:
         raise CorruptStoreError(
             f"{path}: expert {name!r} file sha256 {sha} differs from manifest {entry['sha256']}; the file is corrupt"
         )
+
+
+class VerifiedFiles:
+    """Expert files whose size and SHA-256 (and layer hashes) matched the manifest, remembered so that a
+    file is hashed once, not on every load. A file is known by its path, size and modification time
+    (nanoseconds) and by the manifest entry it was checked against: a file replaced or rewritten on disk,
+    or an entry rewritten in the manifest, is verified again. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, int, int, str]] = set()
+        self._lock = threading.Lock()
+
+    def check(self, name: str, entry: Mapping[str, Any], path: Path) -> tuple[bool, tuple[str, int, int, str]]:
+        """``(known, key)``: whether ``path`` was verified against ``entry`` before; CorruptStoreError if the
+        file is missing or its size differs from the manifest (checked every time: one ``stat``)."""
+        st = _stat(name, path)
+        check_size(name, entry, path, st.st_size)
+        key = _key(entry, path, st)
+        with self._lock:
+            return key in self._seen, key
+
+    def remember(self, key: tuple[str, int, int, str], path: Path) -> None:
+        """Record a file verified under ``key`` unless it changed on disk while it was being read."""
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        if (st.st_size, st.st_mtime_ns) == key[1:3]:
+            with self._lock:
+                self._seen.add(key)
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._seen = {k for k in self._seen if k[0] != str(path)}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def _stat(name: str, path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{path}: file of expert {name!r} is missing") from None
+
+
+def _key(entry: Mapping[str, Any], path: Path, st: os.stat_result) -> tuple[str, int, int, str]:
+    # the entry's identity: its file hash and every layer's hash (an edited manifest is checked again)
+    h = hashlib.sha256(entry["sha256"].encode())
+    for layer in sorted(entry["layers"]):
+        h.update(entry["layers"][layer]["sha256"].encode())
+    return str(path), st.st_size, st.st_mtime_ns, h.hexdigest()
+
+
+def check_size(name: str, entry: Mapping[str, Any], path: Path, size: int) -> None:
+    want = entry["bytes"]
+    if size != want:
+        what = "truncated" if size < want else "larger than recorded"
+        raise CorruptStoreError(f"{path}: expert {name!r} file is {what}: {size} bytes, manifest says {want}")

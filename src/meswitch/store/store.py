@@ -6,7 +6,10 @@ Layout::
     STORE/experts/<name>.safetensors     one file per expert, keys "<layer>::<field>"
     STORE/.lock                          writers hold an exclusive flock on it (``files.locked``)
 
-Writers (add, remove, set_extra) hold the lock for the whole operation, re-read the manifest inside
+Readers memory-map an expert's file and read its tensors; a file's SHA-256 is checked once per file
+(``files.VerifiedFiles``: by path, size and modification time) rather than on every load.
+
+Writers (add, add_experts, remove, set_extra) hold the lock for the whole operation, re-read the manifest inside
 it and replace files only by rename, so concurrent writers all land and a crash leaves the manifest
 either without the expert or with a complete entry. Readers take no lock. Leftovers of a crash
 (temporary siblings, expert files the manifest no longer names) are removed by the next writer.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +33,7 @@ from meswitch.store.errors import (
     InvalidNameError,
     UnknownExpertError,
 )
-from meswitch.store.files import check_empty, hash_file, locked, verify_file
+from meswitch.store.files import VerifiedFiles, check_empty, hash_file, locked, verify_file
 from meswitch.store.manifest import (
     EXPERTS_DIR,
     MANIFEST,
@@ -55,6 +58,7 @@ class DeltaStore:
     def __init__(self, path: Path):
         self._root = Path(path)
         self._cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+        self.verified = VerifiedFiles()  # files whose hashes matched, not hashed again while unchanged
         self._manifest()
 
     # ---- opening -------------------------------------------------------------------------------
@@ -118,35 +122,54 @@ class DeltaStore:
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """Load expert ``name`` as ``({layer: {field: tensor}}, manifest entry)``, CPU tensors.
 
-        With ``verify`` the file's size and SHA-256 and every layer's fields, dtypes, shapes and
-        hash are checked against the manifest first; any difference is a CorruptStoreError.
+        With ``verify`` the file's size and every layer's fields, dtypes and shapes are checked against
+        the manifest on every load, and the file's SHA-256 and each layer's hash the first time the file
+        is read (again once it changes on disk: ``VerifiedFiles``); any difference is a CorruptStoreError.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        layers, entry = self.read_expert(name, verify)
+        return layers, copy.deepcopy(entry)
+
+    def read_expert(
+        self, name: str, verify: bool = True
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], Mapping[str, Any]]:
+        """:meth:`load_expert` without copying the manifest entry: the entry returned is the store's own
+        (shared with other readers and threads; read it, never change it)."""
+        from safetensors import SafetensorError, safe_open
 
         entry = self._entry(self._manifest(), name)
         path = self._file(name, entry)
+        known, key = False, None
         if verify:
-            verify_file(name, entry, path)
+            known, key = self.verified.check(name, entry, path)
+            if not known:
+                verify_file(name, entry, path)
         elif not path.is_file():
             raise CorruptStoreError(f"{path}: file of expert {name!r} is missing")
         try:
-            flat = load_file(path)
+            with safe_open(path, framework="pt") as f:  # memory-mapped: each tensor's bytes are read once
+                flat = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         except (SafetensorError, OSError) as exc:
             raise CorruptStoreError(f"{path}: not a readable safetensors file: {exc}") from exc
         layers = split_file_tensors(path, flat)
         if verify:
-            check_layers(path, entry, layers)
-        return layers, copy.deepcopy(entry)
+            check_layers(path, entry, layers, hashes=not known)
+            if key is not None and not known:
+                self.verified.remember(key, path)
+        return layers, entry
 
     def verify(self, expect_fingerprint: str | None = None) -> None:
-        """Check the base fingerprint (if given) and every expert file's size and SHA-256."""
+        """Check the base fingerprint (if given) and every expert file's size and SHA-256 (a file verified
+        before and unchanged since is not hashed again). Layer hashes are checked at the file's first load."""
         self._check_base(expect_fingerprint)
         experts = self._manifest()["experts"]
         problems = []
         for name, entry in sorted(experts.items()):
+            path = self._file(name, entry)
             try:
-                verify_file(name, entry, self._file(name, entry))
+                known, key = self.verified.check(name, entry, path)
+                if not known:
+                    verify_file(name, entry, path)
+                    self.verified.remember(key, path)
             except CorruptStoreError as exc:
                 problems.append(str(exc))
         if problems:
@@ -169,37 +192,56 @@ class DeltaStore:
 
         Returns the new manifest entry. ExpertExistsError if ``name`` is stored and not ``overwrite``.
         """
+        return self.add_experts([(name, layers, layer_meta, meta)], overwrite)[0]
+
+    def add_experts(
+        self,
+        items: Iterable[tuple[str, Mapping[str, Mapping[str, torch.Tensor]], Mapping[str, Mapping[str, Any]],
+                              Mapping[str, Any]]],
+        overwrite: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Store many experts, ``(name, layers, layer_meta, meta)`` each (as :meth:`add_expert`), under one
+        lock and one manifest write: a store of thousands of experts is not rewritten once per expert.
+
+        ``items`` is consumed lazily (a generator keeps one expert in memory at a time). After a failure or
+        a crash part-way the manifest names no half-written file; files written for experts it does not
+        name are removed by the next writer.
+        """
         from safetensors.torch import save_file
 
-        check_name(name)
-        meta = dict(meta)
-        check_json(meta, f"meta of expert {name!r}")
-        flat, layer_entries = prepare_layers(name, layers, layer_meta)
-        final = self._root / expert_file(name)
+        entries = []
         with self._writing() as manifest:
             experts = manifest["experts"]
-            _check_case_clash(name, experts)
-            if name in experts and not overwrite:
-                raise ExpertExistsError(self._root, name)
-            final.parent.mkdir(exist_ok=True)
-            tmp = tmp_sibling(final)
-            try:
-                save_file(flat, tmp, metadata={"format": "pt", "meswitch_expert": name})
-                size, sha = hash_file(tmp, fsync=True)
-                self._replace(name, tmp, final, manifest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            fsync_dir(final.parent)
-            experts[name] = entry = {
-                "file": expert_file(name),
-                "bytes": size,
-                "sha256": sha,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "meta": meta,
-                "layers": layer_entries,
-            }
-        return copy.deepcopy(entry)
+            for name, layers, layer_meta, meta in items:
+                check_name(name)
+                meta = dict(meta)
+                check_json(meta, f"meta of expert {name!r}")
+                flat, layer_entries = prepare_layers(name, layers, layer_meta)
+                final = self._root / expert_file(name)
+                _check_case_clash(name, experts)
+                if name in experts and not overwrite:
+                    raise ExpertExistsError(self._root, name)
+                final.parent.mkdir(exist_ok=True)
+                tmp = tmp_sibling(final)
+                try:
+                    save_file(flat, tmp, metadata={"format": "pt", "meswitch_expert": name})
+                    size, sha = hash_file(tmp, fsync=True)
+                    self._replace(name, tmp, final, manifest)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                experts[name] = entry = {
+                    "file": expert_file(name),
+                    "bytes": size,
+                    "sha256": sha,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "meta": meta,
+                    "layers": layer_entries,
+                }
+                entries.append(copy.deepcopy(entry))
+            if entries:
+                fsync_dir(self._root / EXPERTS_DIR)
+        return entries
 
     def _replace(self, name: str, tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
         """Rename the written file into place; an old entry of ``name`` leaves the manifest first.
