@@ -9,7 +9,7 @@ STAMP := $(VENV)/.meswitch-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench lint zoo-small clean
+.PHONY: setup demo test bench lint zoo-small llamacpp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,16 @@ test: setup
 # with its tables and plots; about 45 minutes with the zoo cached. BENCH_ARGS="--only engine,router".
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --store $(STORE) $(BENCH_ARGS)
+
+# llama.cpp for benchmarks/llamacpp.py (not a dependency): llama-cpp-python builds from source once,
+# about 15 minutes on 2 cores, for this machine's CPU; the wheel is kept in ~/.cache/meswitch/wheels.
+LLAMA_CPP_VERSION ?= 0.3.36
+WHEELS := $(HOME)/.cache/meswitch/wheels
+llamacpp: setup
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+		CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF" $(BIN)/pip wheel --no-deps -w $(WHEELS) \
+		"llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(BIN)/pip install -q --find-links $(WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

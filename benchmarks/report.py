@@ -52,7 +52,8 @@ def load_results(d: Path) -> dict[str, Any]:
     """Every result file that exists, by name (``compression``, ``engine``, ``router``, ...)."""
     files = {"compression": "compression_full.json", "engine": "engine.json", "router": "router.json",
              "load": "load.json", "ray": "ray_scale.json", "run": "bench_run.json", "gpu": "gpu_sgmv.json",
-             "kernels": "cpu_delta_kernels.json", "kernel_fidelity": "kernel_fidelity.json", "scale": "scale.json"}
+             "kernels": "cpu_delta_kernels.json", "kernel_fidelity": "kernel_fidelity.json", "scale": "scale.json",
+             "llamacpp": "llamacpp.json"}
     out = {}
     for key, name in files.items():
         p = d / name
@@ -373,6 +374,16 @@ def scale_section(scale: dict | None, results: Path) -> list[str]:
     return out + body + plot + [""]
 
 
+def llamacpp_section(llamacpp: dict | None, results: Path) -> list[str]:
+    out = ["## Against llama.cpp on the same GGUF", ""]
+    if not llamacpp:
+        return out + ["Not measured: `make llamacpp`, then `python benchmarks/llamacpp.py`.", ""]
+    md = results / "llamacpp.md"  # the benchmark's own tables, written beside its JSON
+    body = md.read_text().splitlines() if md.is_file() else []
+    plot = ["", "![llamacpp](results/llamacpp.png)"] if (results / "llamacpp.png").is_file() else []
+    return out + body + plot + [""]
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
@@ -574,6 +585,7 @@ def build_report(res: dict, results: Path, summary: dict | None) -> str:
     lines += load_section(res.get("load"))
     lines += ray_section(res.get("ray"), results)
     lines += scale_section(res.get("scale"), results)
+    lines += llamacpp_section(res.get("llamacpp"), results)
     return "\n".join(lines).rstrip() + "\n"
 
 

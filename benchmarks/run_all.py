@@ -58,6 +58,8 @@ def steps(store: Path) -> list[Step]:
         # 16, 100 and 1000 synthetic experts over the full base (~24 GB of store on disk, built once and
         # cached; ~30 min the first time): leave it out with --skip scale, or run it alone with --only scale
         Step("scale", [py, str(HERE / "scale.py")], needs="openai"),
+        # llama.cpp on the same GGUF beside meswitch's base and 16 experts (`make llamacpp` installs it)
+        Step("llamacpp", [py, str(HERE / "llamacpp.py"), "--store", str(store)], needs="llama_cpp"),
     ]
 
 
