@@ -245,16 +245,24 @@ def test_changed_tied_embeddings_are_stored_once_as_dense(pair, smollm_tokenizer
     assert torch.allclose(merged(ids).logits, expert(ids).logits, atol=1e-3)
 
 
-def _distilled(base, expert, checkpoint_blocks: bool):
-    """Grid gains after 3 distillation steps of base + rtn-2 deltas towards ``expert``, and the losses."""
+def _student(base, expert):
+    """A copy of ``base`` with ``expert``'s deltas attached as rtn-2 grids, ready to distil."""
     from meswitch.compress.calib import linear_names
-    from meswitch.compress.distill import attach, distill
+    from meswitch.compress.distill import attach
 
     student = copy.deepcopy(base)
     layers, meta = {}, {}
     for n in linear_names(expert):
         layers[n], meta[n] = encode_delta(expert.get_submodule(n).weight - base.get_submodule(n).weight, "rtn", 2)
     attach(student, layers, meta)
+    return student
+
+
+def _distilled(base, expert, checkpoint_blocks: bool):
+    """Grid gains after 3 distillation steps of base + rtn-2 deltas towards ``expert``, and the losses."""
+    from meswitch.compress.distill import distill
+
+    student = _student(base, expert)
     ids = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :7] = False
@@ -274,16 +282,11 @@ def test_block_checkpointing_leaves_distillation_unchanged():
 
 
 def test_blocks_without_a_target_token_are_skipped_not_scored_as_nan():
-    from meswitch.compress.calib import linear_names
-    from meswitch.compress.distill import attach, distill
+    from meswitch.compress.distill import distill
 
     base = tiny_llama(layers=2)
     expert = perturbed(base, 3, rel=0.3)
-    student = copy.deepcopy(base)
-    layers, meta = {}, {}
-    for n in linear_names(base):
-        layers[n], meta[n] = encode_delta(expert.get_submodule(n).weight - base.get_submodule(n).weight, "rtn", 2)
-    attach(student, layers, meta)
+    student = _student(base, expert)
     ids = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[:2] = False  # the first batch of two blocks is all prompt: nothing to score

@@ -23,17 +23,13 @@ best of :data:`ISAS` this machine runs: AVX2 + FMA + F16C, else a portable loop.
 from __future__ import annotations
 
 import functools
-import logging
 import platform
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from meswitch.engine.kernels.lowbit_cpu import _cpu_flags
-from meswitch.paths import cache_root
-
-log = logging.getLogger(__name__)
+from meswitch.engine.kernels.cpu_build import compile_kernel, cpu_flags
 
 QK = 32  # elements per block
 TYPES = {"Q4_1": (0, 20), "Q8_0": (1, 34)}  # ggml type -> (the kernel's code, bytes per block)
@@ -49,7 +45,7 @@ ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
 def supported_isas() -> list[str]:
     """The builds of :data:`ISAS` this CPU runs, best first."""
     x86 = platform.machine() in ("x86_64", "AMD64")
-    return [name for name, (need, _) in ISAS.items() if not need or (x86 and need <= _cpu_flags())]
+    return [name for name, (need, _) in ISAS.items() if not need or (x86 and need <= cpu_flags())]
 
 
 @functools.cache
@@ -59,18 +55,8 @@ def _build(isa: str) -> tuple[object | None, str | None]:
         return None, f"{isa!r} is not one of {list(ISAS)}"
     if isa not in supported_isas():
         return None, f"this CPU ({platform.machine()}) lacks {' + '.join(sorted(ISAS[isa][0]))}"
-    try:
-        from torch.utils.cpp_extension import load
-
-        build = cache_root() / "kernels" / f"ggml_cpu-{isa}-torch{torch.__version__.replace('+', '_')}"
-        build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("*.so")):
-            log.warning("compiling the GGML CPU kernel (%s) into %s (first use only, about 30 s)", isa, build)
-        mod = load(f"meswitch_ggml_cpu_{isa}", [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", *ISAS[isa][1]],
-                   extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: reference_linear serves instead
-        return None, f"the kernel did not build: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-    return mod, None
+    return compile_kernel(f"meswitch_ggml_cpu_{isa}", f"ggml_cpu-{isa}", _SOURCE, ISAS[isa][1],
+                          f"GGML CPU kernel ({isa})")
 
 
 @functools.cache

@@ -19,7 +19,6 @@ plain PyTorch statement of what the kernel computes.
 from __future__ import annotations
 
 import functools
-import logging
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from meswitch.engine.kernels.lowbit_cpu import _cpu_flags
-from meswitch.paths import cache_root
-
-log = logging.getLogger(__name__)
+from meswitch.engine.kernels.cpu_build import compile_kernel, cpu_flags
 
 NEEDS = frozenset({"avx2", "fma", "f16c"})
-FLAGS = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
+FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 Item = tuple[Tensor, Tensor, float, int, int, int]  # (a: [r, in], b: [out, r], scale, first row, end row, column)
 
 _SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
@@ -42,20 +38,10 @@ _SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
 @functools.cache
 def _build() -> tuple[object | None, str | None]:
     """The compiled kernel, or None and why there is none."""
-    if platform.machine() not in ("x86_64", "AMD64") or not _cpu_flags() >= NEEDS:
+    if platform.machine() not in ("x86_64", "AMD64") or not cpu_flags() >= NEEDS:
         return None, f"this CPU ({platform.machine()}) lacks {' + '.join(sorted(NEEDS))}"
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        build = cache_root() / "kernels" / f"lora_cpu-avx2-torch{torch.__version__.replace('+', '_')}"
-        build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("*.so")):
-            log.warning("compiling the LoRA CPU kernel into %s (first use only, about 20 s)", build)
-        mod = load_inline("meswitch_lora_cpu", [_SOURCE.read_text()], functions=["sgmv"], extra_cflags=FLAGS,
-                          extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: the per-item PyTorch path serves instead
-        return None, f"the kernel did not build: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-    return mod, None
+    return compile_kernel("meswitch_lora_cpu", "lora_cpu-avx2", _SOURCE, FLAGS, "LoRA CPU kernel",
+                          functions=["sgmv"])
 
 
 def available() -> bool:

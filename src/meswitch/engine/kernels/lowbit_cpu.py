@@ -27,7 +27,6 @@ columns (64 bytes, byte ``4 * o + j`` holds ``c[o, 4 * q + j]``, the operand lay
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import platform
 from collections.abc import Sequence
@@ -37,9 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from meswitch.paths import cache_root
-
-log = logging.getLogger(__name__)
+from meswitch.engine.kernels.cpu_build import compile_kernel, cpu_flags
 
 GROUP = 64  # input columns per activation scale
 BLOCK = 16  # output rows per tile
@@ -53,21 +50,11 @@ ISAS: dict[str, tuple[frozenset[str], list[str]]] = {
 }
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return frozenset(line.split(":", 1)[-1].split())
-
-
 def supported_isas() -> list[str]:
     """The instruction sets of :data:`ISAS` this CPU has, best first."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return [name for name, (need, _) in ISAS.items() if need <= flags]
 
 
@@ -76,18 +63,8 @@ def _build(isa: str) -> tuple[object | None, str | None]:
     """The kernel compiled for ``isa``, or None and why not."""
     if isa not in supported_isas():
         return None, f"this CPU ({platform.machine()}) lacks {isa}"
-    try:
-        from torch.utils.cpp_extension import load
-
-        build = cache_root() / "kernels" / f"lowbit_cpu-{isa}-torch{torch.__version__.replace('+', '_')}"
-        build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("*.so")):
-            log.warning("compiling the low-bit CPU kernel (%s) into %s (first use only, about 30 s)", isa, build)
-        mod = load(f"meswitch_lowbit_cpu_{isa}", [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", *ISAS[isa][1]],
-                   extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as exc:  # no compiler, no ninja, a failed build: the int4 path serves instead
-        return None, f"the kernel did not build: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-    return mod, None
+    return compile_kernel(f"meswitch_lowbit_cpu_{isa}", f"lowbit_cpu-{isa}", _SOURCE, ISAS[isa][1],
+                          f"low-bit CPU kernel ({isa})")
 
 
 ENV = "MESWITCH_LOWBIT_CPU"  # read by callers at start-up (choose(None)): "0" (off), an ISA name, or unset (best)
