@@ -7,7 +7,9 @@ decode the same model. Rows:
   llama.cpp Q4_1    the shipped file, through llama-cpp-python's low-level API
   llama.cpp Q8_0    the same model requantized by llama.cpp's own quantizer (``llama_model_quantize``)
   llama.cpp F32     the same, at meswitch's base precision
-  meswitch base     ``Engine`` with the store's base alone (EngineConfig's default policy)
+  meswitch base     ``Engine`` with the store's base alone (EngineConfig's default policy: the base served
+                    from the GGUF's own Q4_1/Q8_0 blocks, docs/engine.md)
+  meswitch base fp32  the same with ``base_weights="dense"``: the blocks dequantized to float32
   meswitch mixed16  16 experts of benchmarks/engine.py's ``bench16`` store, requests round-robin
 
 Each row decodes ``batch`` sequences of the same chat prompt, one sequence per row of every step
@@ -164,17 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     runners = {f"llama.cpp {k}": LlamaCpp(gguf_variant(gguf, k, VARIANTS[k], cache_root() / "gguf"), 16, max_len,
                                           args.threads) for k in args.variants.split(",")}
     engine = Engine(store16, base, tok, EngineConfig(max_batch=16), check_base=False)
-    cases = {"meswitch base": [None], "meswitch mixed16": names16}
+    dense = Engine(store16, base, tok, EngineConfig(max_batch=16, base_weights="dense"), check_base=False)
+    cases = {"meswitch base": (engine, [None]), "meswitch base fp32": (dense, [None]),
+             "meswitch mixed16": (engine, names16)}
 
     def rate(row: str, b: int, steps: int) -> float:
         if row in runners:
             return runners[row].decode_rate(prompt, b, steps)
-        return decode_rate(engine, cases[row], b, steps)
+        return decode_rate(cases[row][0], cases[row][1], b, steps)
 
     rows = [*runners, *cases]
     results = {"machine": machine(), "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
                "gguf": gguf.name, "llama_cpp_python": llama_cpp.__version__, "prompt_tokens": len(prompt),
-               "backend": engine.backend_selection.describe(), "tokens_per_s": {}, "samples": {}}
+               "backend": engine.backend_selection.describe(), "base_weights": engine.base_weights.describe(),
+               "tokens_per_s": {}, "samples": {}}
     for b in BATCHES:
         for row in rows:
             rate(row, b, WARMUP)  # loads, caches and merges happen here, not in the timing
@@ -217,6 +222,9 @@ def table(r: dict) -> str:
                              + " |")
             lines.append(f"| {row} / llama.cpp best GGUF | " + " | ".join(f"{tps[row][b] / best[b]:.2f}x" for b in bs)
                          + " |")
+        if "meswitch base fp32" in tps:
+            lines.append("| meswitch base / meswitch base fp32 | " + " | ".join(
+                f"{tps['meswitch base'][b] / tps['meswitch base fp32'][b]:.2f}x" for b in bs) + " |")
         lines.append("| meswitch mixed16 / meswitch base | " + " | ".join(
             f"{tps['meswitch mixed16'][b] / tps['meswitch base'][b]:.2f}x" for b in bs) + " |")
     return "\n".join(lines) + "\n"

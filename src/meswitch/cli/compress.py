@@ -164,6 +164,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"footprint: base + {fp['experts']} compressed experts = {fp['store_bytes'] / 2**20:.1f} MiB "
           f"vs {fp['experts']} fp16 experts = {fp['fp16_experts_bytes'] / 2**20:.1f} MiB "
           f"({fp['ratio']:.2f}x smaller)")
+    served = fp.get("base_served")
+    if served is not None and served["served"] < served["dense"]:
+        print(f"base in memory: {served['served'] / 2**20:.1f} MiB served from {served['gguf']}'s blocks "
+              f"(meswitch serve's default, values checked at start-up) vs {served['dense'] / 2**20:.1f} MiB as loaded")
     if routers:
         print_table("routers", ["encoder", "active", "domain -> expert", "fallback", "threshold", "val acc", "status"],
                     [[k, "yes" if r["active"] else "", ", ".join(f"{d}->{e}" for d, e in (r["domain_map"] or {}).items()),

@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="408 if a body takes longer (seconds, default %(default)s)")
     p.add_argument("--max-resident-bytes", type=int, help="memory budget for expert deltas (default: no limit)")
     p.add_argument("--backend", help="delta backend: auto (default: the fastest that runs here), lowbit, int4, pytorch, dense, reference or triton (docs/engine.md)")
+    p.add_argument("--base-weights", choices=["auto", "gguf", "dense"],
+                   help="how the base holds its weights: auto (default: the GGUF file's own Q4_1/Q8_0 blocks "
+                        "where they equal the checkpoint's weights, docs/engine.md), gguf (the same, or fail), "
+                        "dense (the checkpoint as loaded)")
+    p.add_argument("--base-gguf", type=Path, help="the GGUF file the base came from (default: the packaged "
+                                                  "SmolLM2 file)")
     p.add_argument("--base-model-id", help="also serve the base model alone under this model id (e.g. the base's "
                    "name; listed by /v1/models; default: not served)")
     p.add_argument("--no-router", action="store_true", help="serve without routing even if the store has a router")
@@ -57,7 +63,8 @@ def engine_config(args: argparse.Namespace):
     from meswitch.engine import EngineConfig
 
     given = {"max_batch": args.max_batch, "max_context": args.max_context, "max_prompt_tokens": args.max_prompt_tokens,
-             "max_resident_bytes": args.max_resident_bytes, "backend": args.backend}
+             "max_resident_bytes": args.max_resident_bytes, "backend": args.backend,
+             "base_weights": args.base_weights, "base_gguf": None if args.base_gguf is None else str(args.base_gguf)}
     return EngineConfig(max_waiting=max(args.max_concurrency, 1), **{k: v for k, v in given.items() if v is not None})
 
 
@@ -78,7 +85,8 @@ def ray_config(args: argparse.Namespace):
         experts_per_replica=args.experts_per_replica, replica_cpus=args.replica_cpus, router=not args.no_router,
         max_ongoing_requests=max(batch * 2, 1), max_batch=batch, max_context=args.max_context,
         max_prompt_tokens=args.max_prompt_tokens, max_resident_bytes=args.max_resident_bytes,
-        backend=args.backend or RayAppConfig.backend, api_key=args.api_key,
+        backend=args.backend or RayAppConfig.backend, base_weights=args.base_weights or RayAppConfig.base_weights,
+        base_gguf=None if args.base_gguf is None else str(args.base_gguf), api_key=args.api_key,
         max_tokens=args.max_tokens, max_pending=args.max_concurrency, max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout, base_model_id=args.base_model_id)
 

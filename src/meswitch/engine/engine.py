@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from meswitch.engine.backends import select as select_backend
+from meswitch.engine.base_blocks import attach_gguf_base
 from meswitch.engine.errors import (
     ContextLengthError,
     EngineOverloadedError,
@@ -68,7 +69,12 @@ class EngineConfig:
     named one cannot run here; ``Engine.backend_selection``). ``prefetch``: how many waiting requests the
     engine looks at each step to start loading their experts on the background loader thread, so that
     reading experts overlaps the forward (0: an expert is loaded when its request is admitted, on the
-    engine's thread, and the step waits for it). Measurements behind these defaults: docs/engine.md.
+    engine's thread, and the step waits for it). ``base_weights``: how the base holds its linear weights
+    (:func:`meswitch.engine.base_blocks.attach_gguf_base`): ``"auto"`` serves every layer whose weight is
+    bit for bit a GGUF tensor of a type with a kernel from that tensor's blocks (``base_gguf``, default the
+    packaged SmolLM2 file; a float32 base on a CPU), ``"gguf"`` the same or an error, ``"dense"`` the
+    checkpoint's weights as loaded (``Engine.base_weights`` says what was done and why). Measurements
+    behind these defaults: docs/engine.md.
     """
 
     max_batch: int = 16
@@ -81,6 +87,8 @@ class EngineConfig:
     backend: str = "auto"
     verify: bool = True
     prefetch: int = 16
+    base_weights: str = "auto"
+    base_gguf: str | None = None
 
 
 @dataclass(eq=False)
@@ -127,6 +135,8 @@ class Engine:
         self.backend_selection = select_backend(config.backend, _device_of(base))
         log.info("%s", self.backend_selection.describe())
         self.model = ServingModel(base, self.backend_selection.backend)
+        self.base_weights = attach_gguf_base(self.model, config.base_weights, config.base_gguf)
+        log.info("%s", self.base_weights.describe())
         limit = min(int(getattr(base.config, "max_position_embeddings", 4096) or 4096), 4096)
         self.max_context = config.max_context or limit
         self.pool = ExpertPool(store, self.model, config.max_resident_bytes, config.max_merged, config.verify)
@@ -231,7 +241,8 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters, queue depths, the delta backend in use and expert residency (JSON-able)."""
         return {**self.counters, "waiting": len(self._waiting), "running": len(self._running),
-                "backend": self.backend_selection.backend.describe(), "experts": self.pool.snapshot()}
+                "backend": self.backend_selection.backend.describe(), "base": self.base_weights.as_dict(),
+                "experts": self.pool.snapshot()}
 
     # ---- one step ------------------------------------------------------------------------------
 

@@ -401,4 +401,4 @@ class Staged:
 def _param_shape(target: Any, layer: str) -> tuple[int, ...]:
     if hasattr(target, "weight") and isinstance(target.weight, torch.Tensor):
         return tuple(target.weight.shape)
-    return tuple(target.base.weight.shape)
+    return tuple(target.shape)  # ExpertLinear, ExpertEmbedding: whatever form their base weight has

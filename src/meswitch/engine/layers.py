@@ -28,17 +28,19 @@ from torch import Tensor, nn
 
 from meswitch.engine.backends import DeltaBackend, Work
 from meswitch.engine.backends.forms import Form
+from meswitch.engine.base_blocks import BlockEmbedding, BlockLinear, dense_weight
 from meswitch.engine.segments import Segments
 
 
 class ExpertLinear(nn.Module):
-    """A base ``nn.Linear`` plus per-expert delta forms and optional merged weights (module docstring).
+    """A base ``nn.Linear`` (or :class:`~meswitch.engine.base_blocks.BlockLinear`, the same served from
+    GGUF blocks) plus per-expert delta forms and optional merged weights (module docstring).
 
     ``deltas``: expert index -> the backend's resident form; ``merged``: expert index -> ``W_base + delta``;
     ``state``: what the backend derives from this layer's forms (cleared when they change).
     """
 
-    def __init__(self, base: nn.Linear, backend: DeltaBackend) -> None:
+    def __init__(self, base: nn.Module, backend: DeltaBackend) -> None:
         super().__init__()
         self.base = base
         self.backend = backend
@@ -60,7 +62,7 @@ class ExpertLinear(nn.Module):
 
     def merge(self, idx: int) -> int:
         """Cache ``W_base + delta_idx`` for expert ``idx``; returns the bytes it takes."""
-        w = self.base.weight.detach()
+        w = dense_weight(self.base)
         self.merged[idx] = (w.float() + self.deltas[idx].dequantize()).to(w.dtype)
         return self.merged[idx].numel() * self.merged[idx].element_size()
 
@@ -70,12 +72,6 @@ class ExpertLinear(nn.Module):
         self.merged.pop(idx, None)
         self.state.clear()
 
-    def whole_batch_weight(self, segments: Segments) -> Tensor | None:
-        """The one weight every row uses when there is one (the base's or a merged one), else None."""
-        single = segments.single_expert
-        if single is not None and (single < 0 or single in self.merged or single not in self.deltas):
-            return self.merged.get(single, self.base.weight)
-        return None
 
     def work(self, segments: Segments, column: int = 0) -> list[Work]:
         """``(form, s, t, column)`` for every segment whose expert has a delta here (sorted-row coordinates)."""
@@ -83,9 +79,12 @@ class ExpertLinear(nn.Module):
 
     def forward(self, x: Tensor, segments: Segments) -> Tensor:
         """``x: [T, in]`` -> ``[T, out]``; rows of experts with no delta in this layer get the base."""
-        w = self.whole_batch_weight(segments)
-        if w is not None:
-            return F.linear(x, w, self.base.bias)
+        single = segments.single_expert
+        if single is not None:  # one weight for every row: a merged one, or the base's
+            if single in self.merged:
+                return F.linear(x, self.merged[single], self.base.bias)
+            if single < 0 or single not in self.deltas:
+                return self.base(x)
         # Mixed batch: one pass over the base weight for every row, then each expert's delta on its
         # rows. Merged weights are not used here: they would read one full weight copy per expert.
         y = self.base(x)
@@ -128,10 +127,18 @@ class SharedInputLinears(nn.Module):
         self.widths = [m.shape[0] for m in layers]
         self._columns = [sum(self.widths[:j]) for j in range(len(layers))]  # each layer's first output column
         self.state: dict[Any, Any] = {}
-        bases = [m.base for m in layers]
-        w0 = bases[0].weight
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+        self.blocks: BlockLinear | None = None  # the stacked base when the layers are served from GGUF blocks
+        self._bases = tuple(m.base for m in layers)
+        bases = self._bases
+        if all(isinstance(b, BlockLinear) for b in bases):
+            self.blocks = BlockLinear.stack(bases)  # type: ignore[arg-type]
+            self._ptrs = [b.blocks.data_ptr() for b in bases]  # type: ignore[union-attr]
+            return
+        if not all(isinstance(b, nn.Linear) for b in bases):
+            return
+        w0 = bases[0].weight
         same = all(b.weight.dtype == w0.dtype and b.weight.device == w0.device and b.in_features == bases[0].in_features
                    for b in bases)
         has_bias = [b.bias is not None for b in bases]
@@ -148,9 +155,14 @@ class SharedInputLinears(nn.Module):
         self._ptrs = [b.weight.data_ptr() for b in bases]
 
     def _stacked(self) -> bool:
-        """Whether the layers' weights are still the views of :attr:`weight` made at construction."""
-        return self.weight is not None and all(
-            m.base.weight.data_ptr() == p for m, p in zip(self._layers, self._ptrs, strict=True))
+        """Whether the layers' bases are still the ones stacked at construction, their weights (or blocks) still
+        the views of the stacked tensor."""
+        if self.weight is None and self.blocks is None:
+            return False
+        if not all(m.base is b for m, b in zip(self._layers, self._bases, strict=True)):
+            return False
+        ptrs = [m.base.blocks.data_ptr() if self.blocks is not None else m.base.weight.data_ptr() for m in self._layers]
+        return ptrs == self._ptrs
 
     def forward(self, x: Tensor, segments: Segments) -> list[Tensor]:
         """``x: [T, in]`` -> one ``[T, out_j]`` per layer (column views of one ``[T, sum out]`` output)."""
@@ -158,7 +170,7 @@ class SharedInputLinears(nn.Module):
         single = segments.single_expert
         if not self._stacked() or (single is not None and any(single in m.merged for m in layers)):
             return [m(x, segments) for m in layers]
-        y = F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
+        y = self.blocks(x) if self.blocks is not None else F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
         work = [w for m, col in zip(layers, self._columns, strict=True) for w in m.work(segments, col)]
         add_work(layers[0].backend, x, segments, y, work, self.state)
         return list(y.split(self.widths, 1))
@@ -225,7 +237,8 @@ class ExpertNorm(nn.Module):
 
 
 class ExpertEmbedding(nn.Module):
-    """Token embedding with per-expert dense deltas: ``h[i] = (E[ids[i]] + dE_{e_i}[ids[i]]) * scale``.
+    """Token embedding with per-expert dense deltas: ``h[i] = (E[ids[i]] + dE_{e_i}[ids[i]]) * scale``; ``base`` an
+    ``nn.Embedding`` or a :class:`~meswitch.engine.base_blocks.BlockEmbedding`.
 
     ``ids: int64 [T]`` -> ``[T, D]``; ``dE``: ``[V, D]`` (16 bit as stored). ``scale`` (Gemma:
     ``sqrt(D)``), cast to the embedding's dtype as transformers does; None: no scaling.
@@ -240,13 +253,20 @@ class ExpertEmbedding(nn.Module):
     def drop(self, idx: int) -> None:
         self.deltas.pop(idx, None)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(V, D)``."""
+        b = self.base
+        return b.shape if isinstance(b, BlockEmbedding) else tuple(b.weight.shape)  # type: ignore[return-value]
+
     def forward(self, ids: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
-        w = self.base.weight
-        h = F.embedding(ids, w)  # not self.base(ids): a scaled embedding module would scale before the deltas
+        b = self.base
+        # not b(ids) for a Hugging Face module: a scaled embedding module would scale before the deltas
+        h = b(ids) if isinstance(b, BlockEmbedding) else F.embedding(ids, b.weight)
         for e in segments.experts:
             if e in self.deltas:
                 rows = expert_rows == e
                 h[rows] += self.deltas[e][ids[rows]].to(h.dtype)
         if self.scale is None:
             return h
-        return h * torch.tensor(self.scale).to(w.dtype)
+        return h * torch.tensor(self.scale).to(h.dtype)

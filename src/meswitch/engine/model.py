@@ -169,6 +169,12 @@ class DecoderLayer(nn.Module):
         self.biases = {name: ExpertBias(m.base.bias) for name, m in self._linears.items()
                        if m.base.bias is not None and not spec.fused}
 
+    def restack(self) -> None:
+        """Group q/k/v and gate/up again after their bases were replaced (:mod:`meswitch.engine.base_blocks`)."""
+        if isinstance(self.qkv, SharedInputLinears):
+            self.qkv = SharedInputLinears((self.q, self.k, self.v))
+            self.gate_up = SharedInputLinears((self.gate, self.up))
+
     def linears(self) -> dict[str, ExpertLinear]:
         """Every linear layer under its Hugging Face module name within the layer (``self_attn.q_proj``, ...)."""
         return dict(self._linears)
@@ -241,11 +247,11 @@ class ServingModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.base.weight.dtype
+        return self.norm.weight.dtype  # the base's dtype (its linear weights may be GGUF blocks)
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.base.weight.device
+        return self.norm.weight.device
 
     def linears(self) -> Iterator[tuple[str, ExpertLinear]]:
         """Every delta-capable linear layer under its Hugging Face module name."""

@@ -8,7 +8,7 @@ and reordering output rows is reordering rows of bytes. What each block means::
     Q4_1 (20 bytes): fp16 d, fp16 m, 16 bytes q   w[j] = d * (q[j] & 15) + m, w[16 + j] = d * (q[j] >> 4) + m
     Q8_0 (34 bytes): fp16 d, 32 int8 q            w[j] = d * q[j]
 
-(:func:`meswitch.engine.kernels.ggml_cpu.dequantize` states them in PyTorch; the kernels there read them.)
+(:func:`meswitch.engine.kernels.ggml_cpu.reference_dequantize` states them in PyTorch; the kernels there read them.)
 
 llama.cpp's converter reorders the rows of ``attn_q`` and ``attn_k`` of a ``llama`` model for its
 rope layout (within each head, the two rotated halves interleaved); :func:`read_blocks` undoes it
@@ -19,6 +19,7 @@ with :attr:`BlockTensor.has_kernel` False: the caller dequantizes those (:func:`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from meswitch.model.gguf_index import GGUFIndex, read_index
 
 KERNEL_TYPES = frozenset({"Q4_1", "Q8_0"})  # ggml types that meswitch's base kernels read directly
 # GGUF tensor name (within ``blk.N.``) -> Hugging Face module name (within ``model.layers.N.``)
@@ -87,12 +90,33 @@ def rope_row_order(rows: int, heads: int) -> Tensor:
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(rows)
 
 
-def _field(reader: object, key: str) -> int | str | None:
-    field = reader.fields.get(key)  # type: ignore[attr-defined]
-    if field is None:
-        return None
-    value = field.parts[field.data[0]]
-    return bytes(value).decode() if value.dtype == np.uint8 else int(value[0])
+@functools.lru_cache(maxsize=16)
+def _index(path: str, mtime_ns: int, size: int) -> GGUFIndex:
+    return read_index(path)
+
+
+def index(path: Path) -> GGUFIndex:
+    """The file's metadata and tensor directory (:func:`~meswitch.model.gguf_index.read_index`), cached per
+    file, modification time and size."""
+    path = Path(path)
+    st = path.stat()
+    return _index(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _int(idx: GGUFIndex, key: str) -> int | None:
+    v = idx.field(key)
+    return None if v is None else int(v)
+
+
+def read_header(path: Path) -> dict[str, int | str | None]:
+    """What a GGUF file declares, from its metadata alone: ``arch`` (``general.architecture``), ``hidden``
+    (embedding length), ``layers`` (block count), ``vocab`` (rows of ``token_embd``); None where missing."""
+    idx = index(path)
+    arch = idx.field("general.architecture")
+    embd = idx.tensors.get("token_embd.weight")
+    return {"arch": None if arch is None else str(arch), "hidden": _int(idx, f"{arch}.embedding_length"),
+            "layers": _int(idx, f"{arch}.block_count"),
+            "vocab": embd.shape[1] if embd is not None and len(embd.shape) == 2 else None}
 
 
 def read_blocks(path: Path, names: Iterable[str] | None = None) -> dict[str, BlockTensor]:
@@ -102,18 +126,17 @@ def read_blocks(path: Path, names: Iterable[str] | None = None) -> dict[str, Blo
 
     Each tensor is copied out of the file (q and k reordered, :func:`rope_row_order`).
     """
-    import gguf
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
-    reader = gguf.GGUFReader(path)
-    arch = _field(reader, "general.architecture")
-    heads = _field(reader, f"{arch}.attention.head_count")
-    kv_heads = _field(reader, f"{arch}.attention.head_count_kv") or heads
+    idx = index(path)
+    arch = idx.field("general.architecture")
+    heads = _int(idx, f"{arch}.attention.head_count")
+    kv_heads = _int(idx, f"{arch}.attention.head_count_kv") or heads
     wanted = None if names is None else set(names)
-    found = {t.name for t in reader.tensors}
-    tie = "output.weight" not in found and "token_embd.weight" in found
+    tie = "output.weight" not in idx.tensors and "token_embd.weight" in idx.tensors
     out: dict[str, BlockTensor] = {}
-    for t in reader.tensors:
+    for t in idx.tensors.values():
         name = hf_name(t.name)
         aliases = [n for n in (name, "lm_head.weight" if tie and t.name == "token_embd.weight" else None)
                    if n is not None and (wanted is None or n in wanted)]
@@ -121,17 +144,17 @@ def read_blocks(path: Path, names: Iterable[str] | None = None) -> dict[str, Blo
             continue
         if len(t.shape) != 2:
             raise GGUFBlocksError(f"{path}: tensor {t.name} has shape {list(t.shape)}, expected [in, out]")
-        n_in, n_out = (int(s) for s in t.shape)  # GGUF lists the fastest dimension first
-        blocks = torch.from_numpy(np.ascontiguousarray(t.data).view(np.uint8).reshape(n_out, -1).copy())
-        size, type_bytes = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        if n_in % size or blocks.shape[1] != n_in // size * type_bytes:
-            raise GGUFBlocksError(f"{path}: tensor {t.name} ({t.tensor_type.name}, {n_out} x {n_in}) holds "
-                                  f"{blocks.shape[1]} bytes a row, expected {n_in // size * type_bytes}")
+        n_in, n_out = t.shape  # GGUF lists the fastest dimension first
+        size, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[t.type]]
+        if n_in % size or t.nbytes != n_out * (n_in // size) * type_bytes:
+            raise GGUFBlocksError(f"{path}: tensor {t.name} ({t.type}, {n_out} x {n_in}) holds {t.nbytes} bytes, "
+                                  f"expected {n_out * (n_in // size) * type_bytes}")
+        blocks = torch.from_numpy(idx.data(t.name).reshape(n_out, -1))
         if arch in ROPE_PERMUTED and (".attn_q." in t.name or ".attn_k." in t.name):
             if heads is None:
                 raise GGUFBlocksError(f"{path}: no {arch}.attention.head_count to undo the rope order of {t.name}")
             blocks = blocks[rope_row_order(n_out, int(heads if ".attn_q." in t.name else kv_heads))].contiguous()
-        first = BlockTensor(aliases[0], t.name, t.tensor_type.name, (n_out, n_in), blocks)
+        first = BlockTensor(aliases[0], t.name, t.type, (n_out, n_in), blocks)
         for alias in aliases:
             out[alias] = replace(first, name=alias)
     return out
@@ -145,3 +168,34 @@ def dequantize(t: BlockTensor) -> Tensor:
 
     w = gguf_dequantize(t.blocks.numpy(), GGMLQuantizationType[t.type])
     return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).view(t.shape)
+
+
+def served_bytes(checkpoint: Path, gguf: Path) -> dict[str, int]:
+    """What a base checkpoint directory takes in memory as loaded (``dense``) and served from ``gguf``'s
+    blocks (``served``): a weight the file holds under the same Hugging Face name and shape, in a type
+    with a kernel (:data:`KERNEL_TYPES`), counts at its blocks' bytes; every other tensor at its own.
+    From names and shapes only (safetensors headers and the GGUF directory): whether the values are
+    the file's, the engine checks when it starts (:mod:`meswitch.engine.base_blocks`)."""
+    from safetensors import safe_open
+
+    idx = index(gguf)
+    blocks = {}
+    for t in idx.tensors.values():
+        name = hf_name(t.name)
+        if name is not None and t.type in KERNEL_TYPES and len(t.shape) == 2:
+            blocks[name] = ((t.shape[1], t.shape[0]), t.nbytes)
+    if "output.weight" not in idx.tensors and "model.embed_tokens.weight" in blocks:
+        blocks.setdefault("lm_head.weight", blocks["model.embed_tokens.weight"])
+    dense = served = 0
+    for f in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
+                sl = st.get_slice(key)
+                shape = tuple(sl.get_shape())
+                n = int(np.prod(shape)) if shape else 1
+                nbytes = n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
+                dense += nbytes
+                held = blocks.get(key)
+                served += held[1] if held is not None and held[0] == shape else nbytes
+    return {"dense": dense, "served": served}
+

@@ -49,6 +49,8 @@ class RayAppConfig:
     max_prompt_tokens: int | None = None
     max_resident_bytes: int | None = None
     backend: str = "auto"  # EngineConfig.backend
+    base_weights: str = "auto"  # EngineConfig.base_weights
+    base_gguf: str | None = None  # EngineConfig.base_gguf
     # server (the ingress); defaults are the single-process server's
     api_key: str | None = ServerConfig.api_key
     max_tokens: int = ServerConfig.max_tokens
@@ -91,7 +93,8 @@ class RayAppConfig:
 
         return EngineConfig(max_batch=self.max_batch, max_context=self.max_context,
                             max_prompt_tokens=self.max_prompt_tokens, max_waiting=max(self.max_pending, 1),
-                            max_resident_bytes=self.max_resident_bytes, backend=self.backend)
+                            max_resident_bytes=self.max_resident_bytes, backend=self.backend,
+                            base_weights=self.base_weights, base_gguf=self.base_gguf)
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(api_key=api_key_from_env(self.api_key), max_tokens=self.max_tokens,

@@ -124,6 +124,10 @@ def _engine_families(family: Any, stats: Mapping[str, Any]) -> None:
     family("meswitch_queue_waiting", "gauge", "Requests waiting for a batch slot.", {(): stats.get("waiting", 0)})
     family("meswitch_requests_running", "gauge", "Requests in the running batch.", {(): stats.get("running", 0)})
     family("meswitch_engine_steps_total", "counter", "Engine scheduler steps.", {(): stats.get("steps", 0)})
+    base = stats.get("base") or {}
+    if "bytes" in base:
+        family("meswitch_base_bytes", "gauge", "Bytes of the base model's weights as served (GGUF blocks or dense).",
+               {_labels(weights="gguf" if base.get("source") else "dense"): base["bytes"]})
     pool = stats.get("experts") or {}
     per = pool.get("experts") or {}
 

@@ -129,9 +129,28 @@ def linear(x: Tensor, blocks: Tensor, type: str, out_features: int, isa: str | N
     return _build(chosen)[0].linear(x, blocks.contiguous(), TYPES[type][0], modes[mode], DIRECT_ROWS)
 
 
-def dequantize(blocks: Tensor, type: str, out_features: int) -> Tensor:
+def dequantize(blocks: Tensor, type: str, out_features: int, isa: str | None = None) -> Tensor:
     """``uint8 [out, in / 32 * block_bytes]`` -> ``float32 [out, in]``: the weight the blocks state (module
-    docstring), exactly as gguf-py's dequantizer computes it."""
+    docstring), exactly as gguf-py's dequantizer computes it. By the compiled kernel (parallel over rows)
+    where one builds, else :func:`reference_dequantize`; ``isa`` as in :func:`linear`."""
+    if type not in TYPES:
+        raise ValueError(f"no kernel for ggml type {type!r}: only {sorted(TYPES)}")
+    if isa == "reference":
+        return reference_dequantize(blocks, type, out_features)
+    chosen, why = choose(isa or "")
+    if chosen is None:
+        if isa:
+            raise RuntimeError(f"the GGML CPU kernel ({isa}) is unavailable: {why}")
+        return reference_dequantize(blocks, type, out_features)
+    bb = TYPES[type][1]
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[0] != out_features or blocks.shape[1] % bb:
+        raise ValueError(f"blocks must be uint8 [{out_features}, whole {bb}-byte blocks], got {blocks.dtype} "
+                         f"{list(blocks.shape)}")
+    return _build(chosen)[0].dequantize(blocks.contiguous(), TYPES[type][0])
+
+
+def reference_dequantize(blocks: Tensor, type: str, out_features: int) -> Tensor:
+    """What :func:`dequantize` computes, in plain PyTorch."""
     if type not in TYPES:
         raise ValueError(f"no kernel for ggml type {type!r}: only {sorted(TYPES)}")
     bb = TYPES[type][1]
@@ -150,4 +169,4 @@ def dequantize(blocks: Tensor, type: str, out_features: int) -> Tensor:
 def reference_linear(x: Tensor, blocks: Tensor, type: str, out_features: int) -> Tensor:
     """What :func:`linear` computes, in plain PyTorch: ``x @ dequantize(blocks, type, out).T``, float32 ``[B, out]``."""
     _check(x, blocks, type, out_features)
-    return x.float() @ dequantize(blocks, type, out_features).T
+    return x.float() @ reference_dequantize(blocks, type, out_features).T

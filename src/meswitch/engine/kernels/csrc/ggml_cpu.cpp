@@ -276,10 +276,37 @@ torch::Tensor linear(torch::Tensor x, torch::Tensor blocks, int64_t type, int64_
   return y;
 }
 
+// blocks: uint8 [out, in / 32 * BB] contiguous -> float [out, in], the weight they state (each element as in
+// dequant_scalar, exact: the same floats as gguf-py's dequantizer). For merging a delta into the base and
+// for an embedding's rows (the caller gathers the block rows first).
+torch::Tensor dequantize(torch::Tensor blocks, int64_t type) {
+  TORCH_CHECK(type == Q4_1 || type == Q8_0, "type must be 0 (Q4_1) or 1 (Q8_0), got ", type);
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == torch::kUInt8 && blocks.is_contiguous(),
+              "blocks must be contiguous uint8 [out, row_bytes]");
+  const int64_t bb = block_bytes(type), out = blocks.size(0);
+  TORCH_CHECK(blocks.size(1) % bb == 0, "rows of ", blocks.size(1), " bytes are not whole blocks of ", bb, " bytes");
+  const int64_t nb = blocks.size(1) / bb;
+  auto w = torch::empty({out, nb * QK}, torch::kFloat);
+  const uint8_t* B = blocks.data_ptr<uint8_t>();
+  float* W = w.data_ptr<float>();
+  at::parallel_for(0, out, 64, [&](int64_t a, int64_t e) {
+    for (int64_t o = a; o < e; ++o)
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* src = B + o * nb * bb + b * bb;
+        float* dst = W + (o * nb + b) * QK;
+        if (type == Q4_1) dequant_scalar<Q4_1>(src, dst);
+        else dequant_scalar<Q8_0>(src, dst);
+      }
+  });
+  return w;
+}
+
 bool simd() { return kAvx2; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "y = x @ W^T for W in ggml Q4_1 / Q8_0 blocks (ggml_cpu.py)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("dequantize", &dequantize, "the float32 weight of Q4_1 / Q8_0 blocks (ggml_cpu.py)",
         py::call_guard<py::gil_scoped_release>());
   m.def("simd", &simd, "whether this build has the AVX2 + FMA + F16C path");
 }
