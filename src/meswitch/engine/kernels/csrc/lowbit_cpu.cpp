@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -299,8 +300,17 @@ void sgmv(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> packed, s
 // bitstream, code k in stream bits [k * bits, (k + 1) * bits)): packed uint8 [out, ceil(n * bits / 8)] of n
 // codes at bits in 1 .. 4, put in input columns cols[k] (int64 [n], each in [0, in); empty: column k, in = n),
 // the other columns' slots 0 -> uint8 [ceil(out / 16), Kp / (4 * P), 64] at lbits in {1, 2, 4}, lbits >= bits.
-torch::Tensor layout_packed(torch::Tensor packed, int64_t bits, int64_t n, torch::Tensor cols, int64_t in,
-                            int64_t lbits) {
+// Where cols name a column twice, the later code holds it.
+
+namespace {
+
+struct LayoutArgs {  // checked arguments: packed contiguous uint8 [out, width], cols contiguous int64 [n] or empty
+  torch::Tensor packed, cols;
+  int64_t bits, n, in, lbits, width, out, nb, kp, chunks;
+  bool mapped;
+};
+
+LayoutArgs layout_args(torch::Tensor packed, int64_t bits, int64_t n, torch::Tensor cols, int64_t in, int64_t lbits) {
   TORCH_CHECK(bits >= 1 && bits <= 4, "bits must be 1 .. 4, got ", bits);
   TORCH_CHECK((lbits == 1 || lbits == 2 || lbits == 4) && lbits >= bits, "layout bits must be 1, 2 or 4 and at least ",
               bits, ", got ", lbits);
@@ -316,19 +326,266 @@ torch::Tensor layout_packed(torch::Tensor packed, int64_t bits, int64_t n, torch
   }
   packed = packed.contiguous();
   cols = cols.contiguous();
-  const int64_t* col = mapped ? cols.data_ptr<int64_t>() : nullptr;
-  if (mapped)
+  if (mapped) {
+    const int64_t* col = cols.data_ptr<int64_t>();
     for (int64_t k = 0; k < n; ++k) TORCH_CHECK(0 <= col[k] && col[k] < in, "cols[", k, "] = ", col[k], " not in [0, ", in, ")");
-  const int64_t out = packed.size(0), nb = (out + 15) / 16, kp = (in + G - 1) / G * G, P = 8 / lbits;
-  const int64_t chunks = kp / (4 * P);
+  }
+  const int64_t out = packed.size(0), kp = (in + G - 1) / G * G;
+  return {packed, cols, bits, n, in, lbits, width, out, (out + 15) / 16, kp, kp / (4 * (8 / lbits)), mapped};
+}
+
+// f(integral_constant<int, bits>{}, integral_constant<int, lbits>{}) for a checked (bits, lbits).
+template <typename F>
+void with_bits(int64_t bits, int64_t lbits, F&& f) {
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I3 = std::integral_constant<int, 3>;
+  using I4 = std::integral_constant<int, 4>;
+  if (bits == 1 && lbits == 1) f(I1{}, I1{});
+  else if (bits == 1 && lbits == 2) f(I1{}, I2{});
+  else if (bits == 1) f(I1{}, I4{});
+  else if (bits == 2 && lbits == 2) f(I2{}, I2{});
+  else if (bits == 2) f(I2{}, I4{});
+  else if (bits == 3) f(I3{}, I4{});
+  else f(I4{}, I4{});
+}
+
+// 64 stream bits of a row of width bytes from bit sbit on (sbit may lie before or past the row: zeros there).
+inline uint64_t bits_at(const uint8_t* r, int64_t width, int64_t sbit) {
+  const int64_t b = sbit >> 3;  // floor
+  const int s = static_cast<int>(sbit & 7);
+  uint64_t lo = 0, hi = 0;
+  if (b >= 0 && b + 9 <= width) {
+    std::memcpy(&lo, r + b, 8);
+    hi = r[b + 8];
+  } else {
+    for (int t = 0; t < 8; ++t)
+      if (b + t >= 0 && b + t < width) lo |= static_cast<uint64_t>(r[b + t]) << (8 * t);
+    if (b + 8 >= 0 && b + 8 < width) hi = r[b + 8];
+  }
+  return (lo >> s) | ((hi << 1) << (63 - s));
+}
+
+// One source piece of a word of a row at bits: (the row's stream bits from bit 8 * byte + shift on) & mask.
+struct Seg {
+  int64_t byte;
+  int shift;
+  bool wide;  // mask reaches past bit 63 - shift: the byte at byte + 8 takes part
+  uint64_t mask;
+};
+
+// Sets the B bits at bit pos of the words d to v (a field may span two words).
+template <int B>
+inline void set_bits(uint64_t* d, int64_t pos, uint64_t v) {
+  constexpr uint64_t M = (1u << B) - 1;
+  const int64_t w = pos >> 6;
+  const int s = static_cast<int>(pos & 63);
+  d[w] = (d[w] & ~(M << s)) | (v << s);
+  if (s + B > 64) d[w + 1] = (d[w + 1] & ~(M >> (64 - s))) | (v >> (64 - s));
+}
+
+// Exchanges index bits A < C of the 64 bit positions: bit i goes to i with bits A and C swapped.
+template <int A, int C>
+constexpr uint64_t swap_mask() {
+  uint64_t m = 0;
+  for (int i = 0; i < 64; ++i)
+    if (((i >> A) & 1) && !((i >> C) & 1)) m |= uint64_t(1) << i;
+  return m;
+}
+
+template <int A, int C, typename T>
+inline T swap_index_bits(T x) {
+  constexpr int D = (1 << C) - (1 << A);
+  constexpr uint64_t M = swap_mask<A, C>();
+  const T t = ((x >> D) ^ x) & M;
+  return x ^ t ^ (t << D);
+}
+
+// Two chunks' codes of one row, 32 / LB consecutive columns per 32-bit half (column m = 4 * p + j at bit
+// LB * m) -> that row's 4 layout bytes of each chunk (byte j holds column 4 * p + j at bit LB * p).
+template <int LB, typename T>
+inline T to_tiles(T x) {
+  if constexpr (LB == 1) {  // bit 4p + j -> 8j + p
+    x = swap_index_bits<0, 2>(x);
+    x = swap_index_bits<1, 3>(x);
+    x = swap_index_bits<2, 4>(x);
+    return swap_index_bits<3, 4>(x);
+  } else if constexpr (LB == 2) {  // 2-bit field 4p + j -> 4j + p
+    x = swap_index_bits<1, 3>(x);
+    return swap_index_bits<2, 4>(x);
+  } else {  // nibble 4p + j -> 2j + p
+    x = swap_index_bits<2, 4>(x);
+    return swap_index_bits<3, 4>(x);
+  }
+}
+
+// 64 / LB codes packed at B bits in the low bits of x -> the same codes at LB bits: the upper halves of blocks
+// of 2g codes move up by g (LB - B) bits, g = 32 / LB .. 1.
+template <int B, int LB, int Gc>
+constexpr uint64_t spread_mask() {  // bits [g B, 2 g B) of each block of 2 g LB bits
+  uint64_t m = 0;
+  for (int base = 0; base < 64; base += 2 * Gc * LB)
+    for (int b = Gc * B; b < 2 * Gc * B; ++b) m |= uint64_t(1) << (base + b);
+  return m;
+}
+
+template <int B, int LB, int Gc = 32 / LB, typename T>
+inline T spread(T x) {
+  if constexpr (B == LB) {
+    return x;
+  } else {
+    constexpr uint64_t M = spread_mask<B, LB, Gc>();
+    x = (x & ~M) | ((x & M) << (Gc * (LB - B)));
+    if constexpr (Gc > 1) return spread<B, LB, Gc / 2>(x);
+    else return x;
+  }
+}
+
+typedef uint64_t u64x4 __attribute__((vector_size(32)));  // 4 words at once (GCC/Clang vector extension)
+
+// x[k] (to_tiles of word u of a row, chunks 2u and 2u + 1) -> its 4 bytes of chunk 2u at c[4 k ..), of chunk 2u + 1
+// at c[64 + 4 k ..).
+inline void store_tiles(uint8_t* c, u64x4 x) {
+#if defined(__clang__) || __GNUC__ >= 12  // __builtin_shufflevector
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  const u32x8 h = reinterpret_cast<u32x8>(x);
+  const u32x8 t = __builtin_shufflevector(h, h, 0, 2, 4, 6, 1, 3, 5, 7);
+  std::memcpy(c, &t, 16);
+  std::memcpy(c + 64, reinterpret_cast<const uint8_t*>(&t) + 16, 16);
+#else
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t l = static_cast<uint32_t>(x[k]), h = static_cast<uint32_t>(x[k] >> 32);
+    std::memcpy(c + 4 * k, &l, 4);
+    std::memcpy(c + 64 + 4 * k, &h, 4);
+  }
+#endif
+}
+
+inline uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+}  // namespace
+
+// Word u of a row at lbits (two chunks of it: 64 / lbits columns) is spread from the same columns at bits, which
+// are taken straight from the packed row: the pieces (Seg) of runs of consecutive columns (without cols: one run,
+// with cols strictly ascending: cols[k0 .. k0 + len) = c0 .. c0 + len), the same for every row. Other cols: the
+// rows of a block are first built at bits with columns in place, zero codes in the others. Each word is then
+// bit-permuted into the row's 4 bytes of both chunks, 4 rows at a time.
+torch::Tensor layout_packed(torch::Tensor packed_in, int64_t bits_in, int64_t n_in, torch::Tensor cols_in, int64_t in_in,
+                            int64_t lbits_in) {
+  const LayoutArgs a = layout_args(packed_in, bits_in, n_in, cols_in, in_in, lbits_in);
+  const int64_t n = a.n, width = a.width, out = a.out, nb = a.nb, kp = a.kp, chunks = a.chunks;
+  const int64_t* col = a.mapped ? a.cols.data_ptr<int64_t>() : nullptr;
+  bool ascending = true;
+  for (int64_t k = 1; k < n && a.mapped && ascending; ++k) ascending = col[k] > col[k - 1];
+  const bool build = a.mapped && !ascending;  // rows built at bits in buffers first
+  std::vector<int64_t> runs;  // (k0, c0, len): codes k0 .. k0 + len -> columns c0 .. c0 + len, c0 ascending
+  if (build) {
+    runs = {0, 0, kp};  // the built rows, as they are
+  } else if (!a.mapped) {
+    if (n > 0) runs = {0, 0, n};
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      if (k > 0 && col[k] == col[k - 1] + 1) ++runs.back();
+      else runs.insert(runs.end(), {k, col[k], 1});
+    }
+  }
   auto res = torch::empty({nb, chunks, 64}, torch::kUInt8);
-  const uint8_t* src = packed.data_ptr<uint8_t>();
+  const uint8_t* src = a.packed.data_ptr<uint8_t>();
   uint8_t* dst = res.data_ptr<uint8_t>();
-  const auto run = [&](auto bits_c, auto lbits_c) {
+  with_bits(a.bits, a.lbits, [&](auto bits_c, auto lbits_c) {
+    constexpr int B = decltype(bits_c)::value, LB = decltype(lbits_c)::value;
+    constexpr int64_t PB = 64 * B / LB;  // bits at B bits per word at LB bits
+    const int64_t words = kp * LB / 64, srow = kp * B / 64 + 2;  // per row at LB bits; per built row
+    // word u of a row = spread(OR of its pieces segs[first[u] .. first[u + 1])); rows are read in bytes [lo, hi)
+    std::vector<Seg> segs;
+    std::vector<int64_t> first{0};
+    int64_t lo = 0, hi = 0;
+    size_t j = 0;
+    for (int64_t u = 0; u < words; ++u) {
+      const int64_t w0 = u * PB, w1 = w0 + PB;  // the word's bits at B bits, as column * B
+      while (j < runs.size() && (runs[j + 1] + runs[j + 2]) * B <= w0) j += 3;
+      for (size_t t = j; t < runs.size() && runs[t + 1] * B < w1; t += 3) {
+        const int64_t d0 = std::max(runs[t + 1] * B, w0), d1 = std::min((runs[t + 1] + runs[t + 2]) * B, w1);
+        const int64_t sbit = runs[t] * B + w0 - runs[t + 1] * B;  // stream bit at the word's bit 0
+        const int shift = static_cast<int>(sbit & 7);
+        const uint64_t mask = (d1 - w0 == 64 ? ~uint64_t(0) : (uint64_t(1) << (d1 - w0)) - 1) & (~uint64_t(0) << (d0 - w0));
+        const bool wide = shift > 0 && (mask >> (64 - shift)) != 0;
+        segs.push_back({sbit >> 3, shift, wide, mask});
+        lo = std::min(lo, sbit >> 3);
+        hi = std::max(hi, (sbit >> 3) + (wide ? 9 : 8));
+      }
+      first.push_back(static_cast<int64_t>(segs.size()));
+    }
+    const int64_t front = -lo, back = std::max<int64_t>(0, hi - width);  // bytes read around a packed row
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t row = std::max(width, srow * 8), span = front + row + back + 8;
+      std::vector<uint8_t> zero(span), pads(build ? 0 : 16 * span);  // a zero row; copies of rows at the ends
+      std::vector<uint64_t> built(build ? 16 * srow : 0);
+      const uint8_t* rp[16];
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t o = blk * 16 + i;
+          if (o >= out) {
+            rp[i] = zero.data() + front;
+          } else if (build) {
+            uint64_t* s = built.data() + i * srow;
+            std::fill(s, s + srow, 0);
+            for (int64_t k = 0; k < n; ++k) set_bits<B>(s, col[k] * B, bits_at(src + o * width, width, k * B) & ((1u << B) - 1));
+            rp[i] = reinterpret_cast<const uint8_t*>(s);
+          } else if (o * width - front >= 0 && (o + 1) * width + back <= out * width) {
+            rp[i] = src + o * width;  // bytes read past the row belong to its neighbours, masked off
+          } else {
+            uint8_t* p = pads.data() + i * span + front;
+            std::memcpy(p, src + o * width, width);
+            rp[i] = p;
+          }
+        }
+        uint8_t* w = dst + blk * chunks * 64;
+        for (int64_t u = 0; u < words; ++u) {
+          u64x4 x[4] = {};  // x[q]: word u of rows 4q .. 4q + 3
+          for (int64_t t = first[u]; t < first[u + 1]; ++t) {
+            const Seg g = segs[t];
+            #pragma GCC unroll 4
+            for (int q = 0; q < 4; ++q) {
+              const uint8_t* const* r = rp + 4 * q;
+              u64x4 y = {load64(r[0] + g.byte), load64(r[1] + g.byte), load64(r[2] + g.byte), load64(r[3] + g.byte)};
+              if (g.wide) {
+                const u64x4 h = {r[0][g.byte + 8], r[1][g.byte + 8], r[2][g.byte + 8], r[3][g.byte + 8]};
+                y = (y >> g.shift) | (h << (64 - g.shift));
+              } else {
+                y >>= g.shift;
+              }
+              x[q] |= y & g.mask;
+            }
+          }
+          #pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) store_tiles(w + 128 * u + 16 * q, to_tiles<LB>(spread<B, LB>(x[q])));
+        }
+      }
+    });
+  });
+  return res;
+}
+
+// layout_packed one code at a time (the first implementation): a reference for tests and benchmarks.
+torch::Tensor layout_packed_scalar(torch::Tensor packed_in, int64_t bits_in, int64_t n_in, torch::Tensor cols_in,
+                                   int64_t in_in, int64_t lbits_in) {
+  const LayoutArgs a = layout_args(packed_in, bits_in, n_in, cols_in, in_in, lbits_in);
+  const int64_t n = a.n, width = a.width, out = a.out, nb = a.nb, kp = a.kp, chunks = a.chunks;
+  const bool mapped = a.mapped;
+  const int64_t* col = mapped ? a.cols.data_ptr<int64_t>() : nullptr;
+  auto res = torch::empty({nb, chunks, 64}, torch::kUInt8);
+  const uint8_t* src = a.packed.data_ptr<uint8_t>();
+  uint8_t* dst = res.data_ptr<uint8_t>();
+  with_bits(a.bits, a.lbits, [&](auto bits_c, auto lbits_c) {
     constexpr int B = decltype(bits_c)::value, LB = decltype(lbits_c)::value, PP = 8 / LB;
-    at::parallel_for(0, nb, 1, [&](int64_t a, int64_t b) {
+    at::parallel_for(0, nb, 1, [&](int64_t lo, int64_t hi) {
       std::vector<uint8_t> codes(16 * kp), row(width + 2);
-      for (int64_t blk = a; blk < b; ++blk) {
+      for (int64_t blk = lo; blk < hi; ++blk) {
         std::fill(codes.begin(), codes.end(), 0);
         for (int64_t i = 0; i < 16 && blk * 16 + i < out; ++i) {  // unpack rows of the block into codes[i][col]
           std::copy(src + (blk * 16 + i) * width, src + (blk * 16 + i + 1) * width, row.begin());  // zero tail kept
@@ -361,23 +618,14 @@ torch::Tensor layout_packed(torch::Tensor packed, int64_t bits, int64_t n, torch
           }
       }
     });
-  };
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I3 = std::integral_constant<int, 3>;
-  using I4 = std::integral_constant<int, 4>;
-  if (bits == 1 && lbits == 1) run(I1{}, I1{});
-  else if (bits == 1 && lbits == 2) run(I1{}, I2{});
-  else if (bits == 1) run(I1{}, I4{});
-  else if (bits == 2 && lbits == 2) run(I2{}, I2{});
-  else if (bits == 2) run(I2{}, I4{});
-  else if (bits == 3) run(I3{}, I4{});
-  else run(I4{}, I4{});
+  });
   return res;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layout_packed", &layout_packed, "the tile layout straight from pack.py's packed codes (lowbit_cpu.py)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layout_packed_scalar", &layout_packed_scalar, "layout_packed one code at a time (reference)",
         py::call_guard<py::gil_scoped_release>());
   m.def("sgmv", &sgmv, "y[s:t, c:c+out] += x[s:t] @ delta^T for low-bit deltas in the tile layout (lowbit_cpu.py)",
         py::call_guard<py::gil_scoped_release>());
