@@ -9,6 +9,7 @@ import pytest
 from meswitch.cli import main
 from meswitch.engine import Engine, EngineConfig, Request, SamplingParams
 from meswitch.model.checkpoint import save_checkpoint
+from meswitch.store import DeltaStore
 from meswitch.store.errors import BaseMismatchError
 from tests.engine_helpers import make_store, perturbed, tiny_base
 
@@ -67,3 +68,22 @@ def test_the_engine_says_which_backend_it_chose(saved, smollm_tokenizer):
     assert eng.backend_selection.backend.name == "pytorch"
     assert "triton: the triton backend runs on CUDA devices only" in eng.backend_selection.describe()
     assert eng.stats()["backend"] == "pytorch on cpu"
+
+
+def test_from_store_names_a_broken_file_at_start_up_and_serves_the_other_experts(saved, tmp_path, caplog):
+    """Start-up checks each file's presence and size (no hashing); a truncated file's expert fails its requests."""
+    import logging
+    import shutil
+
+    root, _ = saved
+    shutil.copytree(root / "store", tmp_path / "store")
+    store = DeltaStore.open(tmp_path / "store")
+    path = store.path / store.expert_meta("a")["file"]
+    path.write_bytes(path.read_bytes()[:-64])
+    with caplog.at_level(logging.WARNING, logger="meswitch.engine.engine"):
+        eng = Engine.from_store(tmp_path / "store")
+    assert "1 of 2 expert files cannot be served" in caplog.text and "'a' file is truncated" in caplog.text
+    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    bad, good = eng.generate([Request(prompt="Hi", expert="a", params=p), Request(prompt="Hi", expert="b", params=p)])
+    assert bad.finish_reason == "error" and "truncated" in bad.error
+    assert good.finish_reason == "length" and len(good.token_ids) == 3

@@ -158,7 +158,10 @@ class Engine:
         cls, store: DeltaStore | str | os.PathLike, base: str | os.PathLike | None = None,
         config: EngineConfig | None = None,
     ) -> Engine:
-        """Open ``store``, load its base (``base`` or the path recorded in the store) and check they match."""
+        """Open ``store``, load its base (``base`` or the path recorded in the store) and check they match.
+
+        With ``config.verify`` (default) every expert file's presence and size is checked here (a warning
+        names the broken ones, whose requests will fail) and its SHA-256 at its first load."""
         from meswitch.model.checkpoint import load_checkpoint
         from meswitch.store import fingerprint_model
 
@@ -170,11 +173,14 @@ class Engine:
                 raise InvalidRequestError(f"{store.path}: the store records no base model path; pass base=")
             base = Path(recorded)
         model, tokenizer = load_checkpoint(Path(base))
-        fingerprint = fingerprint_model(model)
+        DeltaStore.open(store.path, expect_fingerprint=fingerprint_model(model))
         if config is None or config.verify:
-            store.verify(expect_fingerprint=fingerprint)  # also every expert file's size and hash
-        else:
-            DeltaStore.open(store.path, expect_fingerprint=fingerprint)
+            # Sizes now, hashes at each file's first load: start-up does not read every expert of a large
+            # store, and a broken file fails its expert's requests while the others serve.
+            problems = store.check_files()
+            if problems:
+                log.warning("%s: %d of %d expert files cannot be served; requests for them will fail:\n  %s",
+                            store.path, len(problems), len(store.experts), "\n  ".join(problems))
         return cls(store, model, tokenizer, config, check_base=False)
 
     # ---- API -----------------------------------------------------------------------------------

@@ -157,6 +157,18 @@ class DeltaStore:
                 self.verified.remember(key, path)
         return layers, entry
 
+    def check_files(self) -> list[str]:
+        """Every expert file that is missing or not the size the manifest records, as one message each
+        (empty: all present). One ``stat`` per file, nothing hashed: what a server of thousands of experts
+        checks at start-up, hashing each file at its first load (:meth:`read_expert`)."""
+        problems = []
+        for name, entry in sorted(self._manifest()["experts"].items()):
+            try:
+                self.verified.check(name, entry, self._file(name, entry))
+            except CorruptStoreError as exc:
+                problems.append(str(exc))
+        return problems
+
     def verify(self, expect_fingerprint: str | None = None) -> None:
         """Check the base fingerprint (if given) and every expert file's size and SHA-256 (a file verified
         before and unchanged since is not hashed again). Layer hashes are checked at the file's first load."""
