@@ -293,3 +293,15 @@ def test_inspect_predicts_the_bytes_the_engine_then_holds(small_zoo, small_base)
     predicted = served_bytes(Path(small_zoo["paths"]["base"]), packaged_gguf_path())
     _, report = serving(small_base[0], "gguf")
     assert predicted == {"dense": report.dense_bytes, "served": report.bytes}
+
+
+def test_an_expert_alone_is_not_merged_over_a_block_base_and_is_over_a_dense_one(small_base, tmp_path):
+    """Merging writes a float32 copy of the weights: slower to read than the blocks plus the delta."""
+    model, tok = small_base
+    store = make_store(tmp_path / "store", model, {"a": perturbed(model, 1, rel=0.02)})
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for mode, merges in (("gguf", False), ("dense", True)):
+        engine = Engine(store, copy.deepcopy(model), tok,
+                        EngineConfig(base_weights=mode, backend="pytorch", max_merged=1, merge_after=2))
+        engine.generate(Request(prompt=PROMPT, expert="a", params=p))
+        assert bool(engine.model.layers[0].q.merged) is merges, mode
