@@ -66,23 +66,17 @@ def test_every_linear_and_the_embedding_of_the_packaged_base_are_served_from_blo
     assert report.dense_bytes == (linear_w + embed + norms) * 4
 
 
-def test_served_logits_are_transformers_on_the_dequantized_weights(small_base):
+def test_served_logits_are_transformers_on_the_dequantized_weights(small_base, tmp_path):
     model, tok = small_base
     ids = tok(PROMPT)["input_ids"]
     want = hf_incremental_logits(model, ids, prefill=len(ids) - 6)  # [7, V]: the prefill's last + 6 decodes
-    engine = Engine_on(model, tok, "gguf")
+    engine = engine_on(model, tok, "gguf", make_store(tmp_path / "store", model, {}))
     got = teacher_forced_logits(engine, {"base": ids}, prefill=len(ids) - 6)["base"]
     assert engine.base_weights.tensors
     assert (got - want).abs().max().item() <= 1e-4
 
 
-def Engine_on(model, tok, mode, store=None, max_merged=0):
-    from meswitch.store import DeltaStore, base_info, fingerprint_model
-
-    if store is None:
-        import tempfile
-
-        store = DeltaStore.create(Path(tempfile.mkdtemp()) / "s", fingerprint_model(model), base_info(model))
+def engine_on(model, tok, mode, store, max_merged=0):
     return Engine(store, model, tok, EngineConfig(base_weights=mode, backend="pytorch", max_merged=max_merged))
 
 
@@ -96,9 +90,8 @@ def test_experts_mixed_with_the_base_get_the_same_tokens_and_logprobs_as_dense(s
                     for e in (None, "a", "b", "a")]
     outs = {}
     for mode in ("dense", "gguf"):
-        engine = Engine_on(copy.deepcopy(model), tok, mode, store)
+        engine = engine_on(copy.deepcopy(model), tok, mode, store)
         outs[mode] = engine.generate(reqs())
-    assert outs["dense"] and outs["gguf"]
     for d, g in zip(outs["dense"], outs["gguf"], strict=True):
         assert d.token_ids == g.token_ids
         diff = max(abs(x.logprob - y.logprob) for x, y in zip(d.logprobs, g.logprobs, strict=True))
@@ -108,7 +101,7 @@ def test_experts_mixed_with_the_base_get_the_same_tokens_and_logprobs_as_dense(s
 def test_a_merged_expert_adds_its_delta_to_the_dequantized_blocks(small_base, tmp_path):
     model, tok = small_base
     store = make_store(tmp_path / "store", model, {"a": perturbed(model, 1, rel=0.02)})
-    engine = Engine_on(model, tok, "gguf", store, max_merged=1)
+    engine = engine_on(model, tok, "gguf", store, max_merged=1)
     engine.pool.pin("a")
     engine.pool.merge(0)
     layer = engine.model.layers[0].q

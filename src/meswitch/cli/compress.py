@@ -144,6 +144,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from meswitch.store.summary import summarize
 
     summary = summarize(args.store)
+    served = _served_base(args.store)
+    if served is not None:
+        summary["footprint"]["base_served"] = served
     routers = _routers(args.store)
     if routers is not None:
         summary["routers"] = routers
@@ -174,6 +177,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       r["fallback"], r.get("threshold", "-"), r.get("val_accuracy", "-"), r.get("error", "ok")]
                      for k, r in routers.items()])
     return 0
+
+
+def _served_base(store: Path) -> dict | None:
+    """The base's bytes as loaded and as the engine serves it by default (``base_weights="auto"``: the
+    packaged GGUF's blocks, :func:`meswitch.model.gguf_blocks.served_bytes`); None when the store records no
+    base directory that exists here, or the GGUF package is not installed."""
+    from meswitch.model.checkpoint import packaged_gguf_if_installed
+    from meswitch.model.gguf_blocks import served_bytes
+    from meswitch.store import DeltaStore
+
+    base = DeltaStore.open(store).extra.get("base_path")
+    gguf = packaged_gguf_if_installed()
+    if not base or not Path(base).is_dir() or gguf is None:
+        return None
+    return {"gguf": gguf.name, **served_bytes(Path(base), gguf)}
 
 
 def _routers(store: Path) -> dict | None:

@@ -19,7 +19,6 @@ same dequantized weights.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,12 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from meswitch.engine.kernels import ggml_cpu
+from meswitch.model.checkpoint import packaged_gguf_if_installed
 from meswitch.model.gguf_blocks import read_blocks, read_header
 
 if TYPE_CHECKING:
     from meswitch.engine.model import ServingModel
-
-log = logging.getLogger(__name__)
 
 BASE_WEIGHTS = ("auto", "gguf", "dense")  # EngineConfig.base_weights
 
@@ -67,9 +65,6 @@ class BlockLinear(nn.Module):
     def dense(self) -> Tensor:
         """``float32 [out, in]``: the weight the blocks hold."""
         return ggml_cpu.dequantize(self.blocks, self.type, self.out_features, isa=self.isa)
-
-    def nbytes(self) -> int:
-        return self.blocks.numel() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     @staticmethod
     def stack(layers: Sequence[BlockLinear]) -> BlockLinear | None:
@@ -107,17 +102,10 @@ class BlockEmbedding(nn.Module):
         rows = self.blocks.index_select(0, ids.reshape(-1))
         return ggml_cpu.dequantize(rows, self.type, rows.shape[0], isa=self.isa).view(*ids.shape, -1)
 
-    def nbytes(self) -> int:
-        return self.blocks.numel()
-
 
 def dense_weight(base: nn.Module) -> Tensor:
-    """A base layer's weight as a float tensor ``[out, in]`` (or ``[V, D]``): its own, or its blocks dequantized."""
-    if isinstance(base, BlockLinear):
-        return base.dense()
-    if isinstance(base, BlockEmbedding):
-        return ggml_cpu.dequantize(base.blocks, base.type, base.num_embeddings, isa=base.isa)
-    return base.weight.detach()
+    """A base linear layer's weight as a float tensor ``[out, in]``: its own, or its blocks dequantized."""
+    return base.dense() if isinstance(base, BlockLinear) else base.weight.detach()
 
 
 @dataclass
@@ -174,20 +162,6 @@ def _model_bytes(model: ServingModel) -> int:
     return _tensor_bytes(tensors)
 
 
-def candidates(explicit: str | os.PathLike | None) -> list[Path]:
-    """GGUF files to try for ``base_weights="auto"``: ``explicit`` alone when given, else the packaged
-    SmolLM2 file when its package is installed."""
-    if explicit is not None:
-        return [Path(explicit)]
-    from meswitch.errors import MissingPackageError
-    from meswitch.model.checkpoint import packaged_gguf_path
-
-    try:
-        return [packaged_gguf_path()]
-    except MissingPackageError:
-        return []
-
-
 def attach_gguf_base(model: ServingModel, mode: str = "auto", gguf: str | os.PathLike | None = None,
                      isa: str | None = None) -> BaseWeights:
     """Serve ``model``'s base from a GGUF file's blocks where they equal its weights (module docstring).
@@ -214,10 +188,9 @@ def attach_gguf_base(model: ServingModel, mode: str = "auto", gguf: str | os.Pat
     if model.dtype != torch.float32 or model.device.type != "cpu":
         return refuse(f"the base is {str(model.dtype).removeprefix('torch.')} on {model.device.type}; GGUF blocks "
                       "are served to a float32 model on a CPU")
-    files = candidates(gguf)
-    if not files:
+    path = Path(gguf) if gguf is not None else packaged_gguf_if_installed()
+    if path is None:
         return refuse("no GGUF file given (base_gguf) and the packaged one is not installed")
-    path = files[0]
     if not path.is_file():
         return refuse(f"{path}: no such GGUF file")
     cfg = model.config
@@ -240,7 +213,6 @@ def attach_gguf_base(model: ServingModel, mode: str = "auto", gguf: str | os.Pat
         return refuse(f"{path.name}: no tensor holds this base's weights ({'; '.join(report.notes[:3])})")
     report.source = str(path)
     report.bytes = _model_bytes(model)
-    log.info("%s", report.describe())
     return report
 
 
@@ -248,8 +220,8 @@ def _swap(model: ServingModel, path: Path, report: BaseWeights, isa: str) -> Non
     """Replace every linear base (and the embedding) of ``model`` whose GGUF tensor equals it; restack."""
     linears = {f"{name}.weight": lin for name, lin in model.linears()}
     embed_name = "model.embed_tokens.weight"
-    blocks = read_blocks(path, [*linears, embed_name])
-    swapped: dict[int, Tensor] = {}  # id(dense weight) -> the blocks that replaced it (tied head and embedding)
+    blocks = read_blocks(path, [*linears, embed_name])  # a tied head and the embedding share one tensor
+    equal: set[int] = set()  # ids of dense weights already found equal to their blocks (the tied pair once)
 
     def take(name: str, weight: Tensor) -> Any:
         t = blocks.get(name)
@@ -262,23 +234,21 @@ def _swap(model: ServingModel, path: Path, report: BaseWeights, isa: str) -> Non
         if tuple(weight.shape) != t.shape:
             report.notes.append(f"{name}: {list(t.shape)} in {path.name}, {list(weight.shape)} in the base")
             return None
-        if id(weight) not in swapped and not torch.equal(ggml_cpu.dequantize(t.blocks, t.type, t.shape[0], isa=isa),
-                                                         weight.detach()):
-            report.notes.append(f"{name}: differs from {path.name} (a fine-tuned or other base); served dense")
-            return None
+        if id(weight) not in equal:
+            if not torch.equal(ggml_cpu.dequantize(t.blocks, t.type, t.shape[0], isa=isa), weight.detach()):
+                report.notes.append(f"{name}: differs from {path.name} (a fine-tuned or other base); served dense")
+                return None
+            equal.add(id(weight))
         return t
 
     for name, lin in linears.items():
-        base = lin.base
-        if not isinstance(base, nn.Linear):
+        if not isinstance(lin.base, nn.Linear):
             continue
-        t = take(name, base.weight)
+        t = take(name, lin.base.weight)
         if t is None:
             report.dense.append(name)
             continue
-        shared = swapped.get(id(base.weight))
-        lin.base = BlockLinear(shared if shared is not None else t.blocks, t.type, t.shape, base.bias, isa)
-        swapped.setdefault(id(base.weight), lin.base.blocks)
+        lin.base = BlockLinear(t.blocks, t.type, t.shape, lin.base.bias, isa)
         report.tensors[name] = t.type
     emb = model.embed.base
     if isinstance(emb, nn.Embedding):
@@ -286,8 +256,7 @@ def _swap(model: ServingModel, path: Path, report: BaseWeights, isa: str) -> Non
         if t is None:
             report.dense.append(embed_name)
         else:
-            shared = swapped.get(id(emb.weight))
-            model.embed.base = BlockEmbedding(shared if shared is not None else t.blocks, t.type, t.shape, isa)
+            model.embed.base = BlockEmbedding(t.blocks, t.type, t.shape, isa)
             report.tensors[embed_name] = t.type
     for layer in model.layers:
         layer.restack()

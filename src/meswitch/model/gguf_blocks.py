@@ -20,6 +20,7 @@ with :attr:`BlockTensor.has_kernel` False: the caller dequantizes those (:func:`
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,6 +136,7 @@ def read_blocks(path: Path, names: Iterable[str] | None = None) -> dict[str, Blo
     kv_heads = _int(idx, f"{arch}.attention.head_count_kv") or heads
     wanted = None if names is None else set(names)
     tie = "output.weight" not in idx.tensors and "token_embd.weight" in idx.tensors
+    raw = np.memmap(path, dtype=np.uint8, mode="r")  # every tensor's range was bounds-checked by the index
     out: dict[str, BlockTensor] = {}
     for t in idx.tensors.values():
         name = hf_name(t.name)
@@ -149,7 +151,7 @@ def read_blocks(path: Path, names: Iterable[str] | None = None) -> dict[str, Blo
         if n_in % size or t.nbytes != n_out * (n_in // size) * type_bytes:
             raise GGUFBlocksError(f"{path}: tensor {t.name} ({t.type}, {n_out} x {n_in}) holds {t.nbytes} bytes, "
                                   f"expected {n_out * (n_in // size) * type_bytes}")
-        blocks = torch.from_numpy(idx.data(t.name).reshape(n_out, -1))
+        blocks = torch.from_numpy(np.array(raw[t.offset : t.offset + t.nbytes]).reshape(n_out, -1))
         if arch in ROPE_PERMUTED and (".attn_q." in t.name or ".attn_k." in t.name):
             if heads is None:
                 raise GGUFBlocksError(f"{path}: no {arch}.attention.head_count to undo the rope order of {t.name}")
@@ -174,9 +176,10 @@ def served_bytes(checkpoint: Path, gguf: Path) -> dict[str, int]:
     """What a base checkpoint directory takes in memory as loaded (``dense``) and served from ``gguf``'s
     blocks (``served``): a weight the file holds under the same Hugging Face name and shape, in a type
     with a kernel (:data:`KERNEL_TYPES`), counts at its blocks' bytes; every other tensor at its own.
-    From names and shapes only (safetensors headers and the GGUF directory): whether the values are
-    the file's, the engine checks when it starts (:mod:`meswitch.engine.base_blocks`)."""
-    from safetensors import safe_open
+    From names and shapes only (:func:`~meswitch.model.layout.read_layout` and the GGUF directory): whether
+    the values are the file's, the engine checks when it starts (:mod:`meswitch.engine.base_blocks`)."""
+    from meswitch.model.convert import DTYPE_BYTES
+    from meswitch.model.layout import read_layout
 
     idx = index(gguf)
     blocks = {}
@@ -184,18 +187,10 @@ def served_bytes(checkpoint: Path, gguf: Path) -> dict[str, int]:
         name = hf_name(t.name)
         if name is not None and t.type in KERNEL_TYPES and len(t.shape) == 2:
             blocks[name] = ((t.shape[1], t.shape[0]), t.nbytes)
-    if "output.weight" not in idx.tensors and "model.embed_tokens.weight" in blocks:
-        blocks.setdefault("lm_head.weight", blocks["model.embed_tokens.weight"])
     dense = served = 0
-    for f in sorted(Path(checkpoint).glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open has no __iter__
-                sl = st.get_slice(key)
-                shape = tuple(sl.get_shape())
-                n = int(np.prod(shape)) if shape else 1
-                nbytes = n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
-                dense += nbytes
-                held = blocks.get(key)
-                served += held[1] if held is not None and held[0] == shape else nbytes
+    for key, info in read_layout(Path(checkpoint)).tensors.items():
+        nbytes = math.prod(info.shape) * DTYPE_BYTES[info.dtype]
+        held = blocks.get(key)
+        dense += nbytes
+        served += held[1] if held is not None and held[0] == info.shape else nbytes
     return {"dense": dense, "served": served}
-

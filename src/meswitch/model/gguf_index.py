@@ -57,16 +57,6 @@ class GGUFIndex:
     def field(self, key: str) -> int | float | bool | str | None:
         return self.metadata.get(key)
 
-    def data(self, name: str) -> np.ndarray:
-        """``uint8 [nbytes]``: tensor ``name``'s bytes, copied out of the file."""
-        t = self.tensors[name]
-        with open(self.path, "rb") as f:
-            f.seek(t.offset)
-            raw = f.read(t.nbytes)
-        if len(raw) != t.nbytes:
-            raise GGUFIndexError(f"{self.path}: tensor {name} is cut short ({len(raw)} of {t.nbytes} bytes)")
-        return np.frombuffer(raw, dtype=np.uint8).copy()
-
 
 class _Cursor:
     def __init__(self, buf: mmap.mmap, path: Path) -> None:

@@ -42,31 +42,13 @@ def summarize(path: Path) -> dict[str, Any]:
             experts[name]["rank"] = meta.get("rank")
     n = len(experts)
     store_bytes = fp16 + sum(e["bytes"] for e in experts.values())  # the base itself, in fp16
-    footprint = {
-        "experts": n,
-        "store_bytes": store_bytes,
-        "fp16_experts_bytes": n * fp16,
-        "ratio": (n * fp16 / store_bytes) if store_bytes else None,
+    return {
+        "experts": experts,
+        "base": store.base,
+        "footprint": {
+            "experts": n,
+            "store_bytes": store_bytes,
+            "fp16_experts_bytes": n * fp16,
+            "ratio": (n * fp16 / store_bytes) if store_bytes else None,
+        },
     }
-    served = served_base(store)
-    if served is not None:
-        footprint["base_served"] = served
-    return {"experts": experts, "base": store.base, "footprint": footprint}
-
-
-def served_base(store: DeltaStore) -> dict[str, Any] | None:
-    """The base's bytes in memory as loaded and as the engine serves it by default (``base_weights="auto"``:
-    the packaged GGUF's blocks, :func:`meswitch.model.gguf_blocks.served_bytes`); None when the store records
-    no base directory that exists here, or the GGUF package is not installed."""
-    from meswitch.errors import MissingPackageError
-    from meswitch.model.checkpoint import packaged_gguf_path
-    from meswitch.model.gguf_blocks import served_bytes
-
-    base = store.extra.get("base_path")
-    if not base or not Path(base).is_dir():
-        return None
-    try:
-        gguf = packaged_gguf_path()
-    except MissingPackageError:
-        return None
-    return {"gguf": gguf.name, **served_bytes(Path(base), gguf)}
