@@ -54,7 +54,10 @@ def steps(store: Path) -> list[Step]:
         Step("load", [py, str(HERE / "load.py"), "--store", str(store), "--clients", "8", "--seconds", "60"],
              needs="openai"),
         Step("ray_scale", [py, str(HERE / "ray_scale.py"), "--store", str(store)], needs="ray"),
-        Step("tasks", [py, str(HERE / "tasks.py"), "--store", str(store), "--limit", "50"], needs="lm_eval"),
+        # issue 19's table: each expert on its domain's tasks at the default, GPTQ 1/2/3 bits and BitDelta
+        # (stores built next to STORE), the uncompressed experts through lm-eval's hf model, base and auto
+        Step("tasks", [py, str(HERE / "tasks.py"), "--by-domain", "--sweep", "--hf", "--store", str(store),
+                       "--limit", "50"], needs="lm_eval"),
         # 16, 100 and 1000 synthetic experts over the full base (~24 GB of store on disk, built once and
         # cached; ~30 min the first time): leave it out with --skip scale, or run it alone with --only scale
         Step("scale", [py, str(HERE / "scale.py")], needs="openai"),

