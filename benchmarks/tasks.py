@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from _common import machine, results_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- tasks:begin -->", "<!-- tasks:end -->"
+REUSE = True  # --by-domain keeps each model's scores in the cache and reuses them (--fresh: measure again)
 
 
 def store_bits(store: Path) -> tuple[float | None, dict[str, Any]]:
@@ -197,12 +199,51 @@ def domain_tasks(experts: list[str], spec: str | None, available: set[str] | Non
     return out
 
 
-def _run(label: str, lm: Any, tasks: list[str], limit: int | None, chat: bool) -> tuple[dict[str, Any], float]:
-    from meswitch.harness.run import evaluate_tasks, primary_scores
+def model_key(store: Path, name: str | None) -> dict[str, Any]:
+    """What a model's scores depend on in ``store``: its stored delta's checksum (an expert), the base's
+    fingerprint (``None``: the base), the active router and every delta (``"auto"``)."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    if name is None:
+        return {"base": manifest["base"]["fingerprint"]}
+    if name == "auto":
+        router = manifest.get("extra", {}).get("router", {})
+        active = router.get("routers", {}).get(router.get("active"), {})
+        return {"base": manifest["base"]["fingerprint"], "router": active.get("files"),
+                "experts": {n: e["sha256"] for n, e in manifest["experts"].items()}}
+    return {"base": manifest["base"]["fingerprint"], "expert": manifest["experts"][name]["sha256"]}
 
+
+def _run(label: str, make_lm: Callable[[], Any], tasks: list[str], limit: int | None, chat: bool,
+         key: dict[str, Any] | None = None) -> tuple[dict[str, Any], float]:
+    """The primary scores of the model ``make_lm()`` makes on ``tasks`` and the seconds they took. With ``key`` (what the model is:
+    :func:`model_key`, or a checkpoint's identity) the scores are kept in the meswitch cache
+    (``bench/tasks``) and reused by a later run of the same model, tasks, limit and template:
+    ``make bench`` after an interrupted run, or a sweep added to a table already measured."""
+    import hashlib
+    from importlib.metadata import version
+
+    from meswitch.harness.run import evaluate_tasks, primary_scores
+    from meswitch.harness.tasks.heldout import VERSION as DATA_VERSION
+    from meswitch.paths import cache_root
+
+    path = None
+    if key is not None and REUSE:
+        ident = {"model": key, "tasks": sorted(tasks), "limit": limit, "chat": chat, "data": DATA_VERSION,
+                 "lm_eval": version("lm_eval"), "meswitch": version("meswitch")}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+        path = cache_root() / "bench" / "tasks" / f"{digest}.json"
+        if path.is_file():
+            hit = json.loads(path.read_text())
+            print(f"[{label}] reused from {path}", flush=True)
+            return hit["scores"], hit["seconds"]
     t0 = time.perf_counter()
-    scores = primary_scores(evaluate_tasks(lm, tasks, limit=limit, chat_template=chat))
+    scores = primary_scores(evaluate_tasks(make_lm(), tasks, limit=limit, chat_template=chat))
     dt = time.perf_counter() - t0
+    if path is not None:
+        from meswitch.utils.atomic import atomic_write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"ident": ident, "scores": scores, "seconds": dt}, indent=1))
     print(f"[{label}] " + ", ".join(f"{t} {r['value']:.3f}" for t, r in scores.items()) + f" ({dt:.0f} s)", flush=True)
     return scores, dt
 
@@ -239,19 +280,20 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
             continue
         out["bits"][name] = summary["experts"][name].get("bits_per_param")
         out["method"][name] = store_method(store, name)
-        out["experts"][name], out["seconds"][name] = _run(f"{store.name} {name}", lm_cls(engine=engine, expert=name),
-                                                          tasks, limit, chat)
+        out["experts"][name], out["seconds"][name] = _run(
+            f"{store.name} {name}", lambda n=name: lm_cls(engine=engine, expert=n), tasks, limit, chat,
+            model_key(store, name))
     if everyone:
         every = [t for tasks in plan.values() for t in tasks]
-        out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lm_cls(engine=engine, expert=None),
-                                                   every, limit, chat)
+        out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lambda: lm_cls(engine=engine, expert=None),
+                                                   every, limit, chat, model_key(store, None))
         router = load_store_router(engine.store)
         if router is None:
             out["skipped"]["auto"] = "the store has no router (meswitch router train STORE)"
         else:
             out["auto"], out["seconds"]["auto"] = _run(f"{store.name} auto",
-                                                       lm_cls(engine=engine, expert="auto", router=router),
-                                                       every, limit, chat)
+                                                       lambda: lm_cls(engine=engine, expert="auto", router=router),
+                                                       every, limit, chat, model_key(store, "auto"))
     return out
 
 
@@ -269,10 +311,13 @@ def evaluate_uncompressed(store: Path, plan: dict[str, list[str]], limit: int | 
         if not path or not Path(path, "config.json").is_file():
             out["skipped"][name] = "no checkpoint recorded (a LoRA adapter or a moved checkpoint)"
             continue
-        lm = HFLM(pretrained=path, device="cpu", dtype="float32", batch_size=batch_size)
+        weights = sorted(Path(path).glob("*.safetensors"))
+        key = {"hf": path, "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
         out["paths"][name] = path
-        out["experts"][name], out["seconds"][name] = _run(f"uncompressed {name}", lm, tasks, limit, chat)
-        del lm
+        out["experts"][name], out["seconds"][name] = _run(
+            f"uncompressed {name}",
+            lambda p=path: HFLM(pretrained=p, device="cpu", dtype="float32", batch_size=batch_size),
+            tasks, limit, chat, key)
     return out
 
 
@@ -429,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", choices=["full", "small"], default="full", help="--sweep: which zoo (default full)")
     ap.add_argument("--hf", action="store_true",
                     help="--by-domain: also each expert's uncompressed checkpoint through lm-eval's hf model")
+    ap.add_argument("--fresh", action="store_true", help="--by-domain: measure again, do not reuse cached scores")
     args = ap.parse_args(argv)
     if args.by_domain:
+        global REUSE
+        REUSE = not args.fresh
         return by_domain(args)
     models = args.models.split(",") if args.models else None
     tasks = args.tasks.split(",") if args.tasks else None
