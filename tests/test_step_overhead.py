@@ -11,6 +11,7 @@ from meswitch.engine.attention import (
     apply_rope,
     apply_rope_tables,
     attention,
+    head_view,
     rope_,
     rope_tables,
 )
@@ -54,15 +55,24 @@ def test_rope_tables_give_apply_rope_bit_for_bit():
         assert torch.equal(apply_rope_tables(x, *rope_tables(cos, sin)), apply_rope(x, cos, sin))
 
 
-def test_rope_in_place_on_a_view_gives_the_tables_bit_for_bit():
+def test_rope_in_place_on_a_head_view_gives_the_tables_bit_for_bit():
     for hd, r in ((16, 16), (16, 8)):  # full and partial rotary
-        qkv = torch.randn(5, 7, hd, generator=gen(5))  # 3 q heads, 2 k heads, 2 v heads side by side
+        y = torch.randn(5, 7 * hd, generator=gen(5))  # a fused output: 3 q heads, 2 k heads, 2 v heads
+        qkv = y.view(5, 7, hd)
         cos, sin = torch.randn(5, r, generator=gen(6)), torch.randn(5, r, generator=gen(7))
         tables = rope_tables(cos, sin)
         want = apply_rope_tables(qkv[:, :5], *tables)
         v = qkv[:, 5:].clone()
-        assert rope_(qkv[:, :5], *tables).data_ptr() == qkv.data_ptr()
-        assert torch.equal(qkv[:, :5], want) and torch.equal(qkv[:, 5:], v)  # v untouched
+        halves = head_view(qkv, 0, (5, 2, r // 2), (hd, r // 2, 1))  # the q and k heads' first r dims
+        assert torch.equal(halves.flatten(-2), qkv[:, :5, :r])
+        rope_(halves, *(t.unflatten(-1, (2, r // 2)) for t in tables))
+        assert torch.equal(qkv[:, :5], want) and torch.equal(qkv[:, 5:], v)  # in place; v untouched
+
+
+def test_head_view_is_the_slice_and_view():
+    y = torch.randn(4, 10, 6, generator=gen(11))
+    assert torch.equal(head_view(y, 3 * 6, (2, 2, 6), (12, 6, 1)), y[:, 3:7].view(4, 2, 2, 6))
+    assert torch.equal(head_view(y[1:], 6, (3, 6), (6, 1)), y[1:, 1:4])
 
 
 @pytest.mark.parametrize("shape", [(1, 576), (16, 576), (3, 4, 64)])

@@ -64,16 +64,19 @@ def apply_rope_tables(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 
 def rope_(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """:func:`apply_rope_tables` in place: ``x: [T, heads, hd]`` (a view, e.g. the q and k heads of a step's
-    fused q/k/v output, rotated together) takes ``x * cos + roll(x, r / 2) * signed_sin`` on its first ``r``
-    dims (``cos, signed_sin: [T, 1, r]``); returns ``x``. The same products as :func:`apply_rope_tables`, bit
-    for bit, with no ``cat`` for partial rotary and the roll as a flip of the two halves (6 ATen calls, not 11)."""
-    t, n, hd = x.shape
-    r = cos.shape[-1]
-    xr = x if r == hd else x[..., :r]
-    rolled = xr.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2)  # roll(xr, r / 2): the halves swapped
-    torch.add(xr * cos, rolled * signed_sin, out=xr)  # both products are new tensors: writing over xr is safe
+    """:func:`apply_rope_tables` in place, on the rotary dims seen as two halves: ``x: [T, heads, 2, r / 2]`` (a
+    view, e.g. of the q and k heads of a fused q/k/v output, rotated together; :func:`head_view`) takes
+    ``x * cos + roll(x, r / 2) * signed_sin`` with ``cos, signed_sin: [T, 1, 2, r / 2]`` (:func:`rope_tables`'
+    tables, last dim unflattened); returns ``x``. The same products, bit for bit; the roll is a flip of the halves."""
+    torch.add(x * cos, x.flip(-2) * signed_sin, out=x)  # both products are new tensors: writing over x is safe
     return x
+
+
+def head_view(y: Tensor, first: int, shape: Sequence[int], strides: Sequence[int]) -> Tensor:
+    """``y: [T, ...]`` from element ``first`` of each row on, seen as ``[T, *shape]`` with ``strides`` (in elements)
+    within a row: one ``as_strided`` where a slice and a view would make 3 to 5 ATen calls. ``y`` must hold its
+    rows' elements contiguously (a linear layer's output, or a view of it split into heads)."""
+    return y.as_strided((y.shape[0], *shape), (y.stride(0), *strides), y.storage_offset() + first)
 
 
 def _visible(qpos: Tensor, length: int, window: int | None) -> Tensor:
@@ -214,11 +217,16 @@ def _decode(qkv: Tensor, heads: int, plan: DecodePlan, cache: KVCache, layer: in
     ``scaled_dot_product_attention``, the plain PyTorch of the module docstring otherwise.
     """
     s_d, width, hd = qkv.shape
+    if qkv.stride()[1:] != (hd, 1):  # head_view reads rows of whole heads
+        qkv = qkv.contiguous()
     kvh = (width - heads) // 2
-    cache.write_tokens_kv(layer, plan.slots, plan.positions, qkv[:, heads:].view(s_d, 2, kvh, hd))
-    kc = cache.k[layer][: plan.n_slots, :, : plan.length]  # [N', H_kv, C', hd] (a view)
-    vc = cache.v[layer][: plan.n_slots, :, : plan.length]
-    qd = qkv[:, :heads].view(s_d, kvh, heads // kvh, hd)  # [S_d, H_kv, g, hd]
+    g = heads // kvh
+    cache.write_tokens_kv(layer, plan.slots, plan.positions,
+                          head_view(qkv, heads * hd, (2, kvh, hd), (kvh * hd, hd, 1)))  # qkv[:, H:] as [S_d, 2, H_kv, hd]
+    k, v = cache.k[layer], cache.v[layer]  # [N, H_kv, C, hd], contiguous: the prefix is a view of the same strides
+    kc = k.as_strided((plan.n_slots, kvh, plan.length, hd), k.stride())  # k[:n_slots, :, :length]
+    vc = v.as_strided((plan.n_slots, kvh, plan.length, hd), v.stride())
+    qd = head_view(qkv, 0, (kvh, g, hd), (g * hd, hd, 1))  # [S_d, H_kv, g, hd]
     if not plan.in_slot_order:
         qd = qd.index_select(0, plan.gather)  # [N', H_kv, g, hd]
     bias = plan.bias(spec.window, qkv.dtype)

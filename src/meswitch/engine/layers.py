@@ -204,9 +204,10 @@ def rms_normalize(x: Tensor, width: Tensor, eps: Tensor) -> Tensor:
 
     ``width``, ``eps``: float32 0-dim tensors holding ``D`` and ``eps`` (made once: a Python number here would
     be wrapped into a tensor on every call). The same products as the composite: ``pow(x, 2)`` is ``x * x``,
-    ``mean`` is ``sum`` then ``div_`` by ``D``, ``eps`` is added in float32.
+    ``mean`` is ``sum`` then a division by ``D``, then ``eps`` is added in float32 (here both in one ``addcdiv``).
     """
-    return x * (x * x).sum(-1, keepdim=True).div_(width).add_(eps).rsqrt_()
+    # addcdiv: eps + sum / D, the division rounded first as in mean(...) + eps (a multiplication by 1 is exact)
+    return x * torch.addcdiv(eps, (x * x).sum(-1, keepdim=True), width).rsqrt_()
 
 
 class ExpertNorm(nn.Module):

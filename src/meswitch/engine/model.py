@@ -30,7 +30,14 @@ from operator import attrgetter
 import torch
 from torch import Tensor, nn
 
-from meswitch.engine.attention import AttentionSpec, DecodePlan, attention_heads, rope_, rope_tables
+from meswitch.engine.attention import (
+    AttentionSpec,
+    DecodePlan,
+    attention_heads,
+    head_view,
+    rope_,
+    rope_tables,
+)
 from meswitch.engine.backends import DeltaBackend
 from meswitch.engine.families import SUPPORTED, FamilySpec
 from meswitch.engine.kv_cache import KVCache
@@ -231,12 +238,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: Tensor, batch: StepBatch, rope: dict[str | None, tuple[Tensor, Tensor]], cache: KVCache,
                 index: int) -> Tensor:
-        """``h: [T, D]`` -> ``[T, D]``; ``rope``: per rope key of the model, ``(cos, signed sin)`` ``[T, 1, r]``
-        (:func:`~meswitch.engine.attention.rope_tables`)."""
+        """``h: [T, D]`` -> ``[T, D]``; ``rope``: per rope key of the model, ``(cos, signed sin)`` ``[T, 1, 2, r / 2]``
+        (:func:`~meswitch.engine.attention.rope_tables`, last dim unflattened)."""
         seg, rows, trows = batch.segments, batch.expert_rows, batch.table_rows
         qkv = self._qkv(self.norm1(h, seg, rows, trows), batch)  # [T, H + 2 H_kv, hd]
         cos, sin = rope[self.rope_key]
-        rope_(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q and k heads in one go, in place
+        half, hd = cos.shape[-1], self.head_dim
+        # q and k heads in one go, in place: their first r dims as two halves, [T, H + H_kv, 2, r / 2]
+        rope_(head_view(qkv, 0, (self.heads + self.kv_heads, 2, half), (hd, half, 1)), cos, sin)
         a = self.o(attention_heads(qkv, self.heads, batch, cache, index, self.attn), seg)
         a = self._bias("self_attn.o_proj", a, seg, rows)
         if self.attn_out_norm is not None:
@@ -305,7 +314,8 @@ class ServingModel(nn.Module):
         return KVCache(len(self.layers), slots, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
     def _rope(self, h: Tensor, batch: StepBatch, key: str | None) -> tuple[Tensor, Tensor]:
-        """``(cos, signed sin)``, each ``[T, 1, r]`` in ``h``'s dtype (:func:`~meswitch.engine.attention.rope_tables`),
+        """``(cos, signed sin)``, each ``[T, 1, 2, r / 2]`` in ``h``'s dtype (:func:`~meswitch.engine.attention.rope_tables`
+        with the last dim as two halves, for :func:`~meswitch.engine.attention.rope_`),
         from transformers' rotary embedding: over the whole step, or sequence by sequence where the
         frequencies depend on the positions given (longrope)."""
         args = () if key is None else (key,)
@@ -318,7 +328,8 @@ class ServingModel(nn.Module):
                 parts.append(self.rotary(h[None, row : row + s.n], pos[None, row : row + s.n], *args))
                 row += s.n
             cos, sin = torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1)
-        return rope_tables(cos[0].to(h.dtype), sin[0].to(h.dtype))
+        half = cos.shape[-1] // 2
+        return tuple(t.unflatten(-1, (2, half)) for t in rope_tables(cos[0].to(h.dtype), sin[0].to(h.dtype)))
 
     @torch.inference_mode()
     def forward(self, ids: Tensor, batch: StepBatch, cache: KVCache) -> Tensor:
