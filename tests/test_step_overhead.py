@@ -89,11 +89,14 @@ def test_kv_cache_writes_keys_and_values_in_one_copy_as_two():
     one, two = KVCache(2, 4, 2, 8, 64, initial=16), KVCache(2, 4, 2, 8, 64, initial=16)
     slots, pos = torch.tensor([3, 0, 2]), torch.tensor([5, 1, 9])
     kv = torch.randn(3, 2, 2, 8, generator=gen(10))
-    one.write_tokens_kv(1, slots, pos, kv)
+    one.write_rows(1, one.token_rows(slots.tolist(), pos.tolist()), kv)
     two.write_tokens(1, slots, pos, kv[:, 0], kv[:, 1])
     assert all(torch.equal(a, b) for a, b in zip(one.k + one.v, two.k + two.v, strict=True))
-    one.reserve(40)  # grown: k and v are still the halves of kv
-    assert one.k[1].data_ptr() == one.kv[1].data_ptr() and torch.equal(one.v[1][:, :, :16], two.v[1])
+    one.reserve(40)  # grown: k, v and rows are still views of kv
+    assert one.k[1].data_ptr() == one.kv[1].data_ptr() == one.rows[1].data_ptr()
+    assert torch.equal(one.v[1][:, :, :16], two.v[1])
+    one.write_rows(0, one.token_rows([1], [33]), kv[:1])
+    assert torch.equal(one.k[0][1, :, 33], kv[0, 0]) and torch.equal(one.v[0][1, :, 33], kv[0, 1])
 
 
 def _plain_attention(q, k_all, v_all, qpos, spec):

@@ -117,7 +117,10 @@ class DecodePlan:
     all_rows: bool
     in_slot_order: bool = False
     same_length: bool = False
+    slot_ids: tuple[int, ...] = ()  # slots and positions as Python ints, for the cache's row index
+    position_ids: tuple[int, ...] = ()
     _bias: dict[tuple[int | None, torch.dtype], Tensor | None] = field(default_factory=dict)
+    _rows: dict[tuple[int, ...], Tensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seqs: Sequence[SeqSlice], device: torch.device | str = "cpu") -> DecodePlan | None:
@@ -140,7 +143,15 @@ class DecodePlan:
         in_order = slots == list(range(n_slots))
         length = max(pos) + 1
         return cls(as_tensor(rows), as_tensor(slots), as_tensor(pos), as_tensor(gather), n_slots, length,
-                   len(rows) == row, in_order, in_order and all(p == length - 1 for p in pos))
+                   len(rows) == row, in_order, in_order and all(p == length - 1 for p in pos), tuple(slots), tuple(pos))
+
+    def cache_rows(self, cache: KVCache) -> Tensor:
+        """``int64 [S_d, 2, H_kv]``: where the decode rows' keys and values go in ``cache.rows[l]``
+        (:meth:`KVCache.token_rows`), made once per step and cache geometry for every layer."""
+        key = tuple(cache.kv[0].shape)
+        if key not in self._rows:
+            self._rows[key] = cache.token_rows(self.slot_ids, self.position_ids)
+        return self._rows[key]
 
     def bias(self, window: int | None, dtype: torch.dtype) -> Tensor | None:
         """``[n_slots, 1, 1, length]`` additive mask: 0 where a slot's query sees the key, ``-inf`` where not
@@ -221,8 +232,8 @@ def _decode(qkv: Tensor, heads: int, plan: DecodePlan, cache: KVCache, layer: in
         qkv = qkv.contiguous()
     kvh = (width - heads) // 2
     g = heads // kvh
-    cache.write_tokens_kv(layer, plan.slots, plan.positions,
-                          head_view(qkv, heads * hd, (2, kvh, hd), (kvh * hd, hd, 1)))  # qkv[:, H:] as [S_d, 2, H_kv, hd]
+    cache.write_rows(layer, plan.cache_rows(cache),
+                     head_view(qkv, heads * hd, (2, kvh, hd), (kvh * hd, hd, 1)))  # qkv[:, H:] as [S_d, 2, H_kv, hd]
     k, v = cache.k[layer], cache.v[layer]  # [N, H_kv, C, hd], contiguous: the prefix is a view of the same strides
     kc = k.as_strided((plan.n_slots, kvh, plan.length, hd), k.stride())  # k[:n_slots, :, :length]
     vc = v.as_strided((plan.n_slots, kvh, plan.length, hd), v.stride())

@@ -2,14 +2,17 @@
 
 Shapes: ``L`` layers, ``N`` slots (one per running sequence), ``H_kv`` key/value heads, ``C`` the
 current capacity in positions, ``hd`` head dim. ``kv[l]``: ``[2, N, H_kv, C, hd]``, keys then values of
-layer ``l`` in one tensor (a decode step writes both with one indexed copy); ``k[l]``, ``v[l]``: its two
-halves, ``[N, H_kv, C, hd]`` views. A sequence
+layer ``l`` in one tensor; ``k[l]``, ``v[l]``: its two halves, ``[N, H_kv, C, hd]`` views; ``rows[l]``: the same
+as ``[2 * N * H_kv * C, hd]``, one row per (k/v, slot, head, position), so that a decode step writes every
+key and value of a layer with one indexed copy (:meth:`token_rows`, :meth:`write_rows`). A sequence
 owns one slot for its lifetime; its cached length is ``lengths[slot]``. Capacity grows by doubling
 (copying) when a sequence outgrows it, up to ``max_len``; slots are handed out lowest first so the
 running sequences usually sit in a prefix ``[0, n)`` that decode attention can view without copying.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,14 +40,16 @@ class KVCache:
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.k: list[Tensor] = []
         self.v: list[Tensor] = []
+        self.rows: list[Tensor] = []
         self._halves()
         self.lengths = [0] * slots
         self._free = list(range(slots))
 
     def _halves(self) -> None:
-        """``k``, ``v``: the views of ``kv``'s two halves (again after ``kv`` was replaced)."""
+        """``k``, ``v``, ``rows``: the views of ``kv`` (again after ``kv`` was replaced)."""
         self.k = [kv[0] for kv in self.kv]
         self.v = [kv[1] for kv in self.kv]
+        self.rows = [kv.view(-1, kv.shape[-1]) for kv in self.kv]
 
     @property
     def capacity(self) -> int:
@@ -98,7 +103,15 @@ class KVCache:
         self.k[layer][slots, :, positions] = k
         self.v[layer][slots, :, positions] = v
 
-    def write_tokens_kv(self, layer: int, slots: Tensor, positions: Tensor, kv: Tensor) -> None:
-        """:meth:`write_tokens` of keys and values side by side, in one indexed copy: ``kv: [S, 2, H_kv, hd]``
-        (``kv[:, 0]`` the keys, ``kv[:, 1]`` the values; a view of a fused projection's output may do)."""
-        self.kv[layer][:, slots, :, positions] = kv
+    def token_rows(self, slots: Sequence[int], positions: Sequence[int]) -> Tensor:
+        """``int64 [S, 2, H_kv]``: the row of ``rows[l]`` that takes token ``i``'s key (``[i, 0, h]``) and value
+        (``[i, 1, h]``) of head ``h``, for tokens at ``positions`` of ``slots`` (valid until the capacity grows)."""
+        _, n, kvh, cap, _ = self.kv[0].shape
+        return torch.tensor([[[((part * n + s) * kvh + h) * cap + p for h in range(kvh)] for part in (0, 1)]
+                             for s, p in zip(slots, positions, strict=True)], dtype=torch.int64,
+                            device=self.kv[0].device).view(len(slots), 2, kvh)
+
+    def write_rows(self, layer: int, index: Tensor, kv: Tensor) -> None:
+        """Store keys and values side by side, ``kv: [S, 2, H_kv, hd]`` (a view of a fused projection's output may
+        do), at the rows ``index`` (:meth:`token_rows`) of layer ``layer``: :meth:`write_tokens` in one copy."""
+        self.rows[layer].index_put_((index,), kv)
