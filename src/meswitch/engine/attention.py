@@ -190,7 +190,7 @@ def attention_heads(qkv: Tensor, heads: int, batch: StepBatch, cache: KVCache, l
     t, _, hd = qkv.shape
     plan = batch.decode
     if plan is not None and plan.all_rows:
-        return _decode(qkv, heads, plan, cache, layer, spec).view(t, heads * hd)
+        return _decode(qkv, heads, plan, cache, layer, spec, flat=True)
     kvh = (qkv.shape[1] - heads) // 2
     q, k, v = qkv.split((heads, kvh, kvh), 1)
     out = qkv.new_empty(t, heads, hd)
@@ -219,9 +219,10 @@ def _prefill(q: Tensor, k: Tensor, v: Tensor, s: SeqSlice, cache: KVCache, layer
     return (probs @ vc[:, None]).permute(2, 0, 1, 3).reshape(n, heads, hd)
 
 
-def _decode(qkv: Tensor, heads: int, plan: DecodePlan, cache: KVCache, layer: int, spec: AttentionSpec) -> Tensor:
+def _decode(qkv: Tensor, heads: int, plan: DecodePlan, cache: KVCache, layer: int, spec: AttentionSpec,
+            flat: bool = False) -> Tensor:
     """The decode rows (``qkv: [S_d, H + 2 H_kv, hd]``, in ``plan.rows`` order, as in :func:`attention_heads`)
-    -> ``[S_d, H, hd]``.
+    -> ``[S_d, H, hd]`` (``flat``: ``[S_d, H * hd]``).
 
     Each slot of the prefix attends with its own query, as a ``g``-query attention over its kv head
     (``[n_slots, H_kv, g, hd]`` against ``[n_slots, H_kv, C', hd]``); without a soft-cap in one fused
@@ -249,4 +250,5 @@ def _decode(qkv: Tensor, heads: int, plan: DecodePlan, cache: KVCache, layer: in
         o = probs @ vc
     if not plan.in_slot_order:
         o = o.index_select(0, plan.slots)
-    return o.view(s_d, heads, hd) if o.is_contiguous() else o.reshape(s_d, heads, hd)
+    shape = (s_d, heads * hd) if flat else (s_d, heads, hd)
+    return o.view(shape) if o.is_contiguous() else o.reshape(shape)

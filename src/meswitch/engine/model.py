@@ -22,6 +22,7 @@ and around the layers ``h = embed(ids) [* sqrt(D)]``, ``logits = lm_head(norm(h)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -70,9 +71,9 @@ class StepBatch:
     def build(cls, seqs: list[SeqSlice], device: torch.device | str = "cpu") -> StepBatch:
         ids = [s.expert for s in seqs for _ in range(s.n)]
         pos = [p for s in seqs for p in range(s.start, s.start + s.n)]
-        last = torch.tensor([s.n for s in seqs]).cumsum(0) - 1
+        last = list(itertools.accumulate(s.n for s in seqs))  # one past each sequence's last row
         return cls(tuple(seqs), Segments.from_ids(ids).to(device), torch.tensor(ids, device=device),
-                   torch.tensor(pos, device=device), last.to(device))
+                   torch.tensor(pos, device=device), torch.tensor([r - 1 for r in last], dtype=torch.int64, device=device))
 
     @cached_property
     def decode(self) -> DecodePlan | None:
@@ -252,7 +253,8 @@ class DecoderLayer(nn.Module):
             a = self.attn_out_norm(a, seg, rows, trows)
         h = h + a
         x = self.norm2(h, seg, rows, trows)
-        gate, up = self.gate_up(x, seg)
+        y, (wg, wu) = self.gate_up.joint(x, seg), self.gate_up.widths  # [T, I + I]
+        gate, up = head_view(y, 0, (wg,), (1,)), head_view(y, wg, (wu,), (1,))  # its two column blocks (2 calls; split: 3)
         if self.biases:
             gate, up = self._bias("mlp.gate_proj", gate, seg, rows), self._bias("mlp.up_proj", up, seg, rows)
         m = self._bias("mlp.down_proj", self.down(self.act(gate) * up, seg), seg, rows)
@@ -342,11 +344,11 @@ class ServingModel(nn.Module):
             cache.lengths[s.slot] = s.start + s.n
         last_seg = batch.last_segments()
         if last_seg is batch.segments:  # a decode step: every row is a sequence's last
-            last, last_rows = h, batch.expert_rows
+            last, last_rows, table_rows = h, batch.expert_rows, batch.table_rows
         else:
             last = h.index_select(0, batch.last_rows)  # [S, D]
-            last_rows = torch.tensor(last_seg.expert_ids, device=h.device)
-        logits = self.lm_head(self.norm(last, last_seg, last_rows), last_seg)
+            last_rows, table_rows = torch.tensor(last_seg.expert_ids, device=h.device), None
+        logits = self.lm_head(self.norm(last, last_seg, last_rows, table_rows), last_seg)
         cap = self.spec.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
