@@ -285,8 +285,6 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
             model_key(store, name))
     if everyone:
         every = [t for tasks in plan.values() for t in tasks]
-        out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lambda: lm_cls(engine=engine, expert=None),
-                                                   every, limit, chat, model_key(store, None))
         router = load_store_router(engine.store)
         if router is None:
             out["skipped"]["auto"] = "the store has no router (meswitch router train STORE)"
@@ -294,6 +292,8 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
             out["auto"], out["seconds"]["auto"] = _run(f"{store.name} auto",
                                                        lambda: lm_cls(engine=engine, expert="auto", router=router),
                                                        every, limit, chat, model_key(store, "auto"))
+        out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lambda: lm_cls(engine=engine, expert=None),
+                                                   every, limit, chat, model_key(store, None))
     return out
 
 
@@ -433,8 +433,9 @@ def by_domain(args: argparse.Namespace) -> int:
         return 2
     chat = not args.no_chat_template
     t0 = time.perf_counter()
-    runs = [evaluate_domains(s, plan, i == 0, args.limit, chat) for i, s in enumerate(stores)]
+    # the reference first, then the default store: the targets need those two before the sweep
     hf = evaluate_uncompressed(stores[0], plan, args.limit, chat) if args.hf else None
+    runs = [evaluate_domains(s, plan, i == 0, args.limit, chat) for i, s in enumerate(stores)]
     record = {"machine": machine(), "limit": args.limit, "chat_template": chat, "plan": plan, "runs": runs,
               "uncompressed": hf, "seconds": time.perf_counter() - t0}
     (args.results / "tasks.json").write_text(json.dumps(record, indent=2))
