@@ -259,7 +259,7 @@ def store_method(store: Path, expert: str) -> str:
 
 
 def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, limit: int | None,
-                     chat: bool) -> dict[str, Any]:
+                     chat: bool, with_base: bool = True) -> dict[str, Any]:
     """One store: each expert of ``plan`` on its tasks; with ``everyone``, also the base and ``auto`` on all.
 
     Returns ``{store, experts: {name: {task: row}}, bits: {name: b}, method: {name: m}, base, auto, skipped,
@@ -292,8 +292,9 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
             out["auto"], out["seconds"]["auto"] = _run(f"{store.name} auto",
                                                        lambda: lm_cls(engine=engine, expert="auto", router=router),
                                                        every, limit, chat, model_key(store, "auto"))
-        out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lambda: lm_cls(engine=engine, expert=None),
-                                                   every, limit, chat, model_key(store, None))
+        if with_base:
+            out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lambda: lm_cls(engine=engine, expert=None),
+                                                       every, limit, chat, model_key(store, None))
     return out
 
 
@@ -435,7 +436,7 @@ def by_domain(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # the reference first, then the default store: the targets need those two before the sweep
     hf = evaluate_uncompressed(stores[0], plan, args.limit, chat) if args.hf else None
-    runs = [evaluate_domains(s, plan, i == 0, args.limit, chat) for i, s in enumerate(stores)]
+    runs = [evaluate_domains(s, plan, i == 0, args.limit, chat, not args.no_base) for i, s in enumerate(stores)]
     record = {"machine": machine(), "limit": args.limit, "chat_template": chat, "plan": plan, "runs": runs,
               "uncompressed": hf, "seconds": time.perf_counter() - t0}
     (args.results / "tasks.json").write_text(json.dumps(record, indent=2))
@@ -475,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", choices=["full", "small"], default="full", help="--sweep: which zoo (default full)")
     ap.add_argument("--hf", action="store_true",
                     help="--by-domain: also each expert's uncompressed checkpoint through lm-eval's hf model")
+    ap.add_argument("--no-base", action="store_true", help="--by-domain: leave the base's row out")
     ap.add_argument("--fresh", action="store_true", help="--by-domain: measure again, do not reuse cached scores")
     args = ap.parse_args(argv)
     if args.by_domain:
