@@ -180,10 +180,11 @@ def sweep_stores(first: Path, zoo: str) -> list[Path]:
     return stores
 
 
-def domain_tasks(experts: list[str], spec: str | None, available: set[str] | None = None) -> dict[str, list[str]]:
+def domain_tasks(experts: list[str], spec: str | None,
+                 installed: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
     """``expert -> its domain's tasks``: ``spec`` ("math=t1+t2,code=t3"), else ``DOMAIN_TASKS`` by expert name.
 
-    Experts with no tasks are left out; tasks not in ``available`` (say, HumanEval without its package) too.
+    Experts with no tasks are left out; tasks ``installed`` refuses (say, HumanEval without its package) too.
     """
     from meswitch.harness.run import DOMAIN_TASKS
 
@@ -193,24 +194,24 @@ def domain_tasks(experts: list[str], spec: str | None, available: set[str] | Non
         table = {k: list(v) for k, v in DOMAIN_TASKS.items()}
     out = {}
     for name in experts:
-        tasks = [t for t in table.get(name, []) if available is None or t in available]
+        tasks = [t for t in table.get(name, []) if installed is None or installed(t)]
         if tasks:
             out[name] = tasks
     return out
 
 
-def model_key(store: Path, name: str | None) -> dict[str, Any]:
+def model_key(store: Any, name: str | None) -> dict[str, Any]:
     """What a model's scores depend on in ``store``: its stored delta's checksum (an expert), the base's
     fingerprint (``None``: the base), the active router and every delta (``"auto"``)."""
-    manifest = json.loads((store / "manifest.json").read_text())
+    base = store.base["fingerprint"]
     if name is None:
-        return {"base": manifest["base"]["fingerprint"]}
+        return {"base": base}
     if name == "auto":
-        router = manifest.get("extra", {}).get("router", {})
+        router = store.extra.get("router", {})
         active = router.get("routers", {}).get(router.get("active"), {})
-        return {"base": manifest["base"]["fingerprint"], "router": active.get("files"),
-                "experts": {n: e["sha256"] for n, e in manifest["experts"].items()}}
-    return {"base": manifest["base"]["fingerprint"], "expert": manifest["experts"][name]["sha256"]}
+        return {"base": base, "router": active.get("files"),
+                "experts": {n: store.expert_meta(n)["sha256"] for n in store.experts}}
+    return {"base": base, "expert": store.expert_meta(name)["sha256"]}
 
 
 def _run(label: str, make_lm: Callable[[], Any], tasks: list[str], limit: int | None, chat: bool,
@@ -248,11 +249,9 @@ def _run(label: str, make_lm: Callable[[], Any], tasks: list[str], limit: int | 
     return scores, dt
 
 
-def store_method(store: Path, expert: str) -> str:
-    """How ``expert`` was compressed into ``store``: "gptq-mixed", "gptq 2-bit", "bitdelta+distill", ..."""
-    from meswitch.store import DeltaStore
-
-    cfg = DeltaStore.open(store).expert_meta(expert).get("meta", {}).get("config", {})
+def store_method(store: Any, expert: str) -> str:
+    """How ``expert`` was compressed into ``store`` (a ``DeltaStore``): "gptq-mixed", "gptq 2-bit", ..."""
+    cfg = store.expert_meta(expert).get("meta", {}).get("config", {})
     method = cfg.get("method", "?")
     label = f"{method} {cfg['bits']}-bit" if method in ("gptq", "rtn", "salient") and "bits" in cfg else method
     return label + ("+distill" if cfg.get("distill_steps") and method != "gptq-mixed" else "")
@@ -270,7 +269,9 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
     from meswitch.harness import register
 
     lm_cls = register()
-    _, summary = store_bits(store)
+    from meswitch.store.summary import summarize
+
+    summary = summarize(store)
     engine = Engine.from_store(store)
     out: dict[str, Any] = {"store": str(store), "experts": {}, "bits": {}, "method": {}, "base": None, "auto": None,
                            "skipped": {}, "seconds": {}}
@@ -279,10 +280,10 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
             out["skipped"][name] = f"not in {store.name}"
             continue
         out["bits"][name] = summary["experts"][name].get("bits_per_param")
-        out["method"][name] = store_method(store, name)
+        out["method"][name] = store_method(engine.store, name)
         out["experts"][name], out["seconds"][name] = _run(
             f"{store.name} {name}", lambda n=name: lm_cls(engine=engine, expert=n), tasks, limit, chat,
-            model_key(store, name))
+            model_key(engine.store, name))
     if everyone:
         every = [t for tasks in plan.values() for t in tasks]
         router = load_store_router(engine.store)
@@ -291,10 +292,10 @@ def evaluate_domains(store: Path, plan: dict[str, list[str]], everyone: bool, li
         else:
             out["auto"], out["seconds"]["auto"] = _run(f"{store.name} auto",
                                                        lambda: lm_cls(engine=engine, expert="auto", router=router),
-                                                       every, limit, chat, model_key(store, "auto"))
+                                                       every, limit, chat, model_key(engine.store, "auto"))
         if with_base:
             out["base"], out["seconds"]["base"] = _run(f"{store.name} base", lambda: lm_cls(engine=engine, expert=None),
-                                                       every, limit, chat, model_key(store, None))
+                                                       every, limit, chat, model_key(engine.store, None))
     return out
 
 
@@ -421,14 +422,13 @@ def domain_plot(plan: dict[str, list[str]], runs: list[dict[str, Any]], hf: dict
 
 
 def by_domain(args: argparse.Namespace) -> int:
-    from meswitch.harness.run import default_tasks
+    from meswitch.harness.run import task_installed
     from meswitch.store import DeltaStore
 
     stores = [s.expanduser() for s in args.store]
     if args.sweep:
         stores += sweep_stores(stores[0], args.zoo)
-    plan = domain_tasks(DeltaStore.open(stores[0]).experts, args.domains, set(default_tasks()) | {
-        "meswitch_tiny_mc", "meswitch_tiny_gen"})
+    plan = domain_tasks(DeltaStore.open(stores[0]).experts, args.domains, task_installed)
     if not plan:
         print("no expert of the first store has a domain with tasks (name them with --domains)", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ def test_domain_tasks_by_name_spec_and_availability():
     plan = bench_tasks.domain_tasks(["code", "math", "chat-lora"], None)
     assert plan == {"code": ["meswitch_humaneval", "meswitch_mc_code"],
                     "math": ["meswitch_gsm_symbolic", "meswitch_mc_math"]}  # no domain: left out
-    plan = bench_tasks.domain_tasks(["code", "math"], None, available={"meswitch_mc_code", "meswitch_mc_math"})
+    plan = bench_tasks.domain_tasks(["code", "math"], None, installed=lambda t: t in {"meswitch_mc_code", "meswitch_mc_math"})
     assert plan == {"code": ["meswitch_mc_code"], "math": ["meswitch_mc_math"]}  # HumanEval not installed
     plan = bench_tasks.domain_tasks(["sql", "math"], "sql=meswitch_mc_code+meswitch_tiny_mc")
     assert plan == {"sql": ["meswitch_mc_code", "meswitch_tiny_mc"]}

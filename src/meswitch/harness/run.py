@@ -33,9 +33,14 @@ def task_manager() -> Any:
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
+def task_installed(task: str) -> bool:
+    """Whether ``task``'s extra package (:data:`NEEDS`), if it has one, is installed."""
+    return task not in NEEDS or importlib.util.find_spec(NEEDS[task]) is not None
+
+
 def default_tasks() -> list[str]:
     """:data:`SUITE`, less the tasks whose package is not installed."""
-    return [t for t in SUITE if t not in NEEDS or importlib.util.find_spec(NEEDS[t]) is not None]
+    return [t for t in SUITE if task_installed(t)]
 
 
 def check_tasks(tasks: Sequence[str], manager: Any) -> list[str]:
