@@ -22,6 +22,7 @@ and around the layers ``h = embed(ids) [* sqrt(D)]``, ``logits = lm_head(norm(h)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,7 +31,14 @@ from operator import attrgetter
 import torch
 from torch import Tensor, nn
 
-from meswitch.engine.attention import AttentionSpec, DecodePlan, apply_rope_tables, attention, rope_tables
+from meswitch.engine.attention import (
+    AttentionSpec,
+    DecodePlan,
+    attention_heads,
+    head_view,
+    rope_,
+    rope_tables,
+)
 from meswitch.engine.backends import DeltaBackend
 from meswitch.engine.families import SUPPORTED, FamilySpec
 from meswitch.engine.kv_cache import KVCache
@@ -63,14 +71,20 @@ class StepBatch:
     def build(cls, seqs: list[SeqSlice], device: torch.device | str = "cpu") -> StepBatch:
         ids = [s.expert for s in seqs for _ in range(s.n)]
         pos = [p for s in seqs for p in range(s.start, s.start + s.n)]
-        last = torch.tensor([s.n for s in seqs]).cumsum(0) - 1
+        last = list(itertools.accumulate(s.n for s in seqs))  # one past each sequence's last row
         return cls(tuple(seqs), Segments.from_ids(ids).to(device), torch.tensor(ids, device=device),
-                   torch.tensor(pos, device=device), last.to(device))
+                   torch.tensor(pos, device=device), torch.tensor([r - 1 for r in last], dtype=torch.int64, device=device))
 
     @cached_property
     def decode(self) -> DecodePlan | None:
         """The decode rows' layout over the cache, for every layer's attention (None: no sequence decodes)."""
         return DecodePlan.build(self.seqs, self.positions.device)
+
+    @cached_property
+    def table_rows(self) -> Tensor:
+        """``expert_rows + 1``, int64 ``[T]``: each row's row in the per-expert tables of norms and biases
+        (row 0: the base), made once per step for every layer."""
+        return self.expert_rows + 1
 
     def last_segments(self) -> Segments:
         """Segments over the ``S`` last-token rows (for the output head): :attr:`segments` itself when every
@@ -95,6 +109,10 @@ class FusedLinear(nn.Module):
     def forward(self, x: Tensor, segments: Segments) -> list[Tensor]:
         return list(self.linear(x, segments).split(self.widths, -1))
 
+    def joint(self, x: Tensor, segments: Segments) -> Tensor:
+        """The projections side by side, ``[T, sum w_j]`` (what :meth:`forward` splits)."""
+        return self.linear(x, segments)
+
 
 class ExpertBias(nn.Module):
     """Per-expert deltas of a linear layer's bias: ``y[i] + db_{e_i}`` (``y: [T, out]`` already holding the base
@@ -110,13 +128,25 @@ class ExpertBias(nn.Module):
         self.deltas.pop(idx, None)
 
     def forward(self, y: Tensor, segments: Segments, expert_rows: Tensor) -> Tensor:
+        table = self._table(y, segments)
+        return y if table is None else y + table.index_select(0, expert_rows + 1)
+
+    def add_(self, y: Tensor, segments: Segments, table_rows: Tensor) -> None:
+        """:meth:`forward` in place on ``y`` (a column view of a fused output may do); ``table_rows``:
+        ``expert_rows + 1`` (:attr:`StepBatch.table_rows`)."""
+        table = self._table(y, segments)
+        if table is not None:
+            y.add_(table.index_select(0, table_rows))
+
+    def _table(self, y: Tensor, segments: Segments) -> Tensor | None:
+        """``[max expert + 2, out]``: row ``e + 1`` expert ``e``'s delta, row 0 none (None: no expert of the step has one)."""
         held = [e for e in segments.experts if e in self.deltas]
         if not held:
-            return y
-        table = y.new_zeros(max(segments.experts) + 2, y.shape[-1])  # row e + 1: expert e's delta, row 0: none
+            return None
+        table = y.new_zeros(max(segments.experts) + 2, y.shape[-1])
         for e in held:
             table[e + 1] = self.deltas[e].to(y.dtype)
-        return y + table.index_select(0, expert_rows + 1)
+        return table
 
 
 def _norm(hf_layer: nn.Module, name: str, unit_offset: bool) -> ExpertNorm:
@@ -189,33 +219,47 @@ class DecoderLayer(nn.Module):
         b = self.biases.get(name)
         return y if b is None else b(y, seg, rows)
 
+    def _qkv(self, x: Tensor, batch: StepBatch) -> Tensor:
+        """``x: [T, D]`` -> ``[T, H + 2 H_kv, hd]``: the q, k and v heads side by side in one tensor, bias deltas
+        added and q/k normed in place, not yet rotated."""
+        seg = batch.segments
+        t, hd = x.shape[0], self.head_dim
+        qkv = self.qkv.joint(x, seg).view(t, -1, hd)
+        kvh = self.kv_heads
+        parts = qkv.split((self.heads, kvh, kvh), 1) if self.biases or self.q_norm is not None else ()
+        if self.biases:
+            for n, part in zip("qkv", parts, strict=True):
+                b = self.biases.get(f"self_attn.{n}_proj")
+                if b is not None:
+                    b.add_(part.flatten(1), seg, batch.table_rows)  # a view of qkv: the sum lands in it
+        if self.q_norm is not None:
+            for norm, part in ((self.q_norm, parts[0]), (self.k_norm, parts[1])):
+                part.copy_(norm(part, seg, batch.expert_rows, batch.table_rows))
+        return qkv
+
     def forward(self, h: Tensor, batch: StepBatch, rope: dict[str | None, tuple[Tensor, Tensor]], cache: KVCache,
                 index: int) -> Tensor:
-        """``h: [T, D]`` -> ``[T, D]``; ``rope``: per rope key of the model, ``(cos, signed sin)`` ``[T, 1, r]``
-        (:func:`~meswitch.engine.attention.rope_tables`)."""
-        seg, rows = batch.segments, batch.expert_rows
-        x = self.norm1(h, seg, rows)
-        t = x.shape[0]
-        q, k, v = self.qkv(x, seg)
-        if self.biases:
-            q, k, v = (self._bias(f"self_attn.{n}_proj", y, seg, rows) for n, y in zip("qkv", (q, k, v), strict=True))
-        q, k = q.view(t, self.heads, self.head_dim), k.view(t, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, seg, rows), self.k_norm(k, seg, rows)
+        """``h: [T, D]`` -> ``[T, D]``; ``rope``: per rope key of the model, ``(cos, signed sin)`` ``[T, 1, 2, r / 2]``
+        (:func:`~meswitch.engine.attention.rope_tables`, last dim unflattened)."""
+        seg, rows, trows = batch.segments, batch.expert_rows, batch.table_rows
+        qkv = self._qkv(self.norm1(h, seg, rows, trows), batch)  # [T, H + 2 H_kv, hd]
         cos, sin = rope[self.rope_key]
-        q, k = apply_rope_tables(q, cos, sin), apply_rope_tables(k, cos, sin)
-        a = self.o(attention(q, k, v.view(t, self.kv_heads, self.head_dim), batch, cache, index, self.attn), seg)
+        half, hd = cos.shape[-1], self.head_dim
+        # q and k heads in one go, in place: their first r dims as two halves, [T, H + H_kv, 2, r / 2]
+        rope_(head_view(qkv, 0, (self.heads + self.kv_heads, 2, half), (hd, half, 1)), cos, sin)
+        a = self.o(attention_heads(qkv, self.heads, batch, cache, index, self.attn), seg)
         a = self._bias("self_attn.o_proj", a, seg, rows)
         if self.attn_out_norm is not None:
-            a = self.attn_out_norm(a, seg, rows)
+            a = self.attn_out_norm(a, seg, rows, trows)
         h = h + a
-        x = self.norm2(h, seg, rows)
-        gate, up = self.gate_up(x, seg)
+        x = self.norm2(h, seg, rows, trows)
+        y, (wg, wu) = self.gate_up.joint(x, seg), self.gate_up.widths  # [T, I + I]
+        gate, up = head_view(y, 0, (wg,), (1,)), head_view(y, wg, (wu,), (1,))  # its two column blocks (2 calls; split: 3)
         if self.biases:
             gate, up = self._bias("mlp.gate_proj", gate, seg, rows), self._bias("mlp.up_proj", up, seg, rows)
         m = self._bias("mlp.down_proj", self.down(self.act(gate) * up, seg), seg, rows)
         if self.mlp_out_norm is not None:
-            m = self.mlp_out_norm(m, seg, rows)
+            m = self.mlp_out_norm(m, seg, rows, trows)
         return h + m
 
 
@@ -272,7 +316,8 @@ class ServingModel(nn.Module):
         return KVCache(len(self.layers), slots, self.kv_heads, self.head_dim, max_len, self.dtype, self.device)
 
     def _rope(self, h: Tensor, batch: StepBatch, key: str | None) -> tuple[Tensor, Tensor]:
-        """``(cos, signed sin)``, each ``[T, 1, r]`` in ``h``'s dtype (:func:`~meswitch.engine.attention.rope_tables`),
+        """``(cos, signed sin)``, each ``[T, 1, 2, r / 2]`` in ``h``'s dtype (:func:`~meswitch.engine.attention.rope_tables`
+        with the last dim as two halves, for :func:`~meswitch.engine.attention.rope_`),
         from transformers' rotary embedding: over the whole step, or sequence by sequence where the
         frequencies depend on the positions given (longrope)."""
         args = () if key is None else (key,)
@@ -285,7 +330,8 @@ class ServingModel(nn.Module):
                 parts.append(self.rotary(h[None, row : row + s.n], pos[None, row : row + s.n], *args))
                 row += s.n
             cos, sin = torch.cat([c for c, _ in parts], 1), torch.cat([s for _, s in parts], 1)
-        return rope_tables(cos[0].to(h.dtype), sin[0].to(h.dtype))
+        half = cos.shape[-1] // 2
+        return tuple(t.unflatten(-1, (2, half)) for t in rope_tables(cos[0].to(h.dtype), sin[0].to(h.dtype)))
 
     @torch.inference_mode()
     def forward(self, ids: Tensor, batch: StepBatch, cache: KVCache) -> Tensor:
@@ -298,11 +344,11 @@ class ServingModel(nn.Module):
             cache.lengths[s.slot] = s.start + s.n
         last_seg = batch.last_segments()
         if last_seg is batch.segments:  # a decode step: every row is a sequence's last
-            last, last_rows = h, batch.expert_rows
+            last, last_rows, table_rows = h, batch.expert_rows, batch.table_rows
         else:
             last = h.index_select(0, batch.last_rows)  # [S, D]
-            last_rows = torch.tensor(last_seg.expert_ids, device=h.device)
-        logits = self.lm_head(self.norm(last, last_seg, last_rows), last_seg)
+            last_rows, table_rows = torch.tensor(last_seg.expert_ids, device=h.device), None
+        logits = self.lm_head(self.norm(last, last_seg, last_rows, table_rows), last_seg)
         cap = self.spec.final_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -66,7 +66,8 @@ class Segments:
             edge = stop
         if edge != t:
             raise ValueError(f"segments cover {edge} rows, the batch has {t}")
-        if not torch.equal(self.order[self.inverse], torch.arange(t, device=self.order.device)):
+        order, inverse = self.order.tolist(), self.inverse.tolist()  # checked in Python: no ATen calls per step
+        if sorted(order) != list(range(t)) or any(order[i] != j for j, i in enumerate(inverse)):
             raise ValueError("inverse must be the inverse permutation of order")
 
     @classmethod
@@ -93,7 +94,7 @@ class Segments:
     @cached_property
     def is_sorted(self) -> bool:
         """True when the batch is already in segment order (``order == arange(T)``): no gather needed."""
-        return torch.equal(self.order.cpu(), torch.arange(self.num_rows))
+        return self.order.tolist() == list(range(self.num_rows))
 
     @property
     def single_expert(self) -> int | None:
@@ -114,7 +115,10 @@ class Segments:
         return iter(zip(self.experts, self.starts, self.ends, strict=True))
 
     def to(self, device: torch.device | str) -> Segments:
-        """The same grouping with ``order``/``inverse`` on ``device`` (move once per batch, not per layer)."""
+        """The same grouping with ``order``/``inverse`` on ``device`` (move once per batch, not per layer); itself
+        when they are there already."""
+        if self.order.device == torch.device(device):
+            return self
         return replace(self, order=self.order.to(device), inverse=self.inverse.to(device))
 
     def rows(self, j: int) -> Tensor:
