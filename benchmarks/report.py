@@ -370,6 +370,8 @@ def scale_section(scale: dict | None, results: Path) -> list[str]:
         return out + ["Not measured: `python benchmarks/scale.py`.", ""]
     md = results / "scale.md"  # the benchmark's own table, written beside its JSON
     body = [line for line in md.read_text().splitlines() if not line.startswith("# ")] if md.is_file() else []
+    while body and not body[0].strip():  # the blank line under the benchmark's own title
+        body.pop(0)
     plot = ["", "![scale](results/scale.png)"] if (results / "scale.png").is_file() else []
     return out + body + plot + [""]
 
@@ -378,6 +380,8 @@ def llamacpp_section(llamacpp: dict | None, results: Path) -> list[str]:
     out = ["## Against llama.cpp on the same GGUF", ""]
     if not llamacpp:
         return out + ["Not measured: `make llamacpp`, then `python benchmarks/llamacpp.py`.", ""]
+    out += ["`meswitch base` serves the GGUF's own Q4_1/Q8_0 blocks (the default, `base_weights=\"auto\"`); "
+            '`meswitch base fp32` the same weights dequantized (`base_weights="dense"`).', ""]
     md = results / "llamacpp.md"  # the benchmark's own tables, written beside its JSON
     body = md.read_text().splitlines() if md.is_file() else []
     plot = ["", "![llamacpp](results/llamacpp.png)"] if (results / "llamacpp.png").is_file() else []
