@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from meswitch.paths import cache_root
-from meswitch.utils.atomic import atomic_write_bytes
 from meswitch.utils.lock import file_lock
 
 log = logging.getLogger(__name__)
@@ -50,21 +49,6 @@ def build_guard(build: Path) -> Iterator[None]:
         yield
 
 
-def source_in(build: Path, source: Path) -> Path:
-    """``source`` copied into ``build``, rewritten only when its bytes differ: the path the build compiles.
-
-    ninja rebuilds when a compile command changes, and the command names the source's path: compiled from
-    the checkout, every clone or reinstall (another path) would rebuild a kernel whose source did not change.
-    From this stable copy, an unchanged source reuses the cached build; an edited one is rewritten, newer,
-    and rebuilt.
-    """
-    copy = build / source.name
-    data = source.read_bytes()
-    if not copy.is_file() or copy.read_bytes() != data:
-        atomic_write_bytes(copy, data)
-    return copy
-
-
 def compile_kernel(module: str, build_name: str, source: Path, cflags: list[str], what: str,
                    functions: list[str] | None = None) -> tuple[object | None, str | None]:
     """``source`` compiled as extension ``module`` into ``kernels/<build_name>-torch<version>``: ``(module,
@@ -83,8 +67,8 @@ def compile_kernel(module: str, build_name: str, source: Path, cflags: list[str]
             log.warning("compiling the %s into %s (first use only, about 30 s)", what, build)
         flags = ["-O3", "-fopenmp", *cflags]
         with build_guard(build):
-            if functions is None:  # (load_inline writes its source into the build directory itself)
-                mod = load(module, [str(source_in(build, source))], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+            if functions is None:
+                mod = load(module, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(build), verbose=False)
             else:
                 mod = load_inline(module, [source.read_text()], functions=functions, extra_cflags=flags,
