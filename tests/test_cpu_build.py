@@ -8,9 +8,8 @@ import sys
 import threading
 
 import pytest
-import torch
 
-from meswitch.engine.kernels.cpu_build import BATON, GUARD, build_guard
+from meswitch.engine.kernels.cpu_build import BATON, GUARD, build_dir, build_guard
 
 # A source that stops the compiler at once: torch's build machinery (and its baton) runs in full, cheaply.
 SOURCE = "#error this kernel does not build\n"
@@ -53,16 +52,17 @@ def test_guard_excludes_another_builder(tmp_path):
         os.close(fd)
 
 
-def test_build_after_a_killed_build(tmp_path):
+def test_build_after_a_killed_build(tmp_path, monkeypatch):
     """torch's build runs in a directory holding its stale baton and ends (here: the compile error), not waits forever."""
     source = tmp_path / "stop.cpp"
     source.write_text(SOURCE)
     cache = tmp_path / "cache"
-    build = cache / "kernels" / f"stop-torch{torch.__version__.replace('+', '_')}"
+    monkeypatch.setenv("MESWITCH_CACHE", str(cache))  # the subprocess's cache, and build_dir's here
+    build = build_dir("stop")
     build.mkdir(parents=True)
     (build / BATON).touch()
     out = subprocess.run([sys.executable, "-c", BUILD, str(source)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "MESWITCH_CACHE": str(cache)})
+                         env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("None the kernel did not build"), out.stdout
     assert not (build / BATON).exists()  # torch's own baton, taken and released by the build

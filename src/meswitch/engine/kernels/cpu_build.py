@@ -49,6 +49,11 @@ def build_guard(build: Path) -> Iterator[None]:
         yield
 
 
+def build_dir(build_name: str) -> Path:
+    """Where kernel ``build_name`` is compiled and cached: ``kernels/<build_name>-torch<version>`` in the cache."""
+    return cache_root() / "kernels" / f"{build_name}-torch{torch.__version__.replace('+', '_')}"
+
+
 def compile_kernel(module: str, build_name: str, source: Path, cflags: list[str], what: str,
                    functions: list[str] | None = None) -> tuple[object | None, str | None]:
     """``source`` compiled as extension ``module`` into ``kernels/<build_name>-torch<version>``: ``(module,
@@ -61,7 +66,7 @@ def compile_kernel(module: str, build_name: str, source: Path, cflags: list[str]
     try:
         from torch.utils.cpp_extension import load, load_inline
 
-        build = cache_root() / "kernels" / f"{build_name}-torch{torch.__version__.replace('+', '_')}"
+        build = build_dir(build_name)
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
             log.warning("compiling the %s into %s (first use only, about 30 s)", what, build)
